@@ -1,0 +1,34 @@
+"""influencer: influence functions for language models and any PyTorch model (EK-FAC, Grosse et al. 2023).
+
+    import influencer as inf
+    curv = inf.fit_curvature(model, inf.Regression(), (X, Y))
+    scores = inf.pairwise_scores(model, inf.Regression(), curv, (Xq, Yq), (X, Y))
+"""
+
+from influencer.curvature import STRATEGIES, Curvature, CurvatureMismatchError, LayerFactors, fit_curvature
+from influencer.layers import Layer, select_layers
+from influencer.queries import measurement_gradients, preconditioned_queries
+from influencer.scores import Scores, pairwise_scores, self_scores
+from influencer.tasks import CausalLM, Classification, Regression, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STRATEGIES",
+    "CausalLM",
+    "Classification",
+    "Curvature",
+    "CurvatureMismatchError",
+    "Layer",
+    "LayerFactors",
+    "Regression",
+    "Scores",
+    "Task",
+    "__version__",
+    "fit_curvature",
+    "measurement_gradients",
+    "pairwise_scores",
+    "preconditioned_queries",
+    "select_layers",
+    "self_scores",
+]

@@ -1,0 +1,21 @@
+"""Curvature: fitting (covariances, eigenbases, Λ), damping, the damped inverse, save/load."""
+
+from influencer.curvature.core import (
+    FISHERS,
+    STRATEGIES,
+    Curvature,
+    CurvatureMismatchError,
+    LayerFactors,
+    model_fingerprint,
+)
+from influencer.curvature.fit import fit_curvature
+
+__all__ = [
+    "FISHERS",
+    "STRATEGIES",
+    "Curvature",
+    "CurvatureMismatchError",
+    "LayerFactors",
+    "fit_curvature",
+    "model_fingerprint",
+]

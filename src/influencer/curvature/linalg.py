@@ -1,0 +1,89 @@
+"""Pure tensor functions behind the curvature: block covariances, eigenbases, rotations, per-example grads.
+
+Conventions: a layer's gradient is a matrix [d_out, w] (w = d_in + bias). An eigenbasis is stored as a list of
+orthogonal blocks (one block = a full, unblocked basis), applied block-diagonally along the last dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: per-example gradients are formed in chunks of at most this many elements (≈ 128 MB in float32)
+CHUNK_ELEMENTS = 1 << 25
+
+
+def split_sizes(d: int, blocks: int) -> list[int]:
+    """Sizes of ``blocks`` equal contiguous blocks covering d (the first ones one larger if d % blocks)."""
+    if blocks < 1:
+        raise ValueError(f"blocks must be ≥ 1, got {blocks}")
+    if blocks > d:
+        raise ValueError(f"cannot split a dimension of {d} into {blocks} blocks")
+    base, extra = divmod(d, blocks)
+    return [base + (i < extra) for i in range(blocks)]
+
+
+def block_covariance(x: torch.Tensor, sizes: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Σ over rows of x_b x_bᵀ for each diagonal block b of x [M, d]; returns blocks [d_b, d_b] in ``dtype``."""
+    x = x.to(dtype)
+    out, start = [], 0
+    for size in sizes:
+        xb = x[:, start:start + size]
+        out.append(xb.T @ xb)
+        start += size
+    return out
+
+
+def eigh_blocks(blocks: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Eigendecompose each symmetric block in float64: (eigenvalues [d_b], eigenvectors [d_b, d_b]) lists."""
+    vals, vecs = [], []
+    for c in blocks:
+        c64 = c.to(torch.float64)
+        lam, q = torch.linalg.eigh(0.5 * (c64 + c64.T))
+        vals.append(lam)
+        vecs.append(q)
+    return vals, vecs
+
+
+def rotate(x: torch.Tensor, q: list[torch.Tensor], transpose: bool = False) -> torch.Tensor:
+    """x [..., d] @ blockdiag(q) (or @ blockdiag(q)ᵀ when ``transpose``)."""
+    if len(q) == 1:
+        return x @ (q[0].T if transpose else q[0])
+    parts, start = [], 0
+    for qb in q:
+        size = qb.shape[0]
+        parts.append(x[..., start:start + size] @ (qb.T if transpose else qb))
+        start += size
+    return torch.cat(parts, -1)
+
+
+def to_eigenbasis(v: torch.Tensor, qs: list[torch.Tensor], qa: list[torch.Tensor]) -> torch.Tensor:
+    """Q_Sᵀ V Q_A for V [..., d_out, w]."""
+    return rotate(rotate(v, qa).mT, qs).mT
+
+
+def from_eigenbasis(v: torch.Tensor, qs: list[torch.Tensor], qa: list[torch.Tensor]) -> torch.Tensor:
+    """Q_S V Q_Aᵀ for V [..., d_out, w]."""
+    return rotate(rotate(v, qa, transpose=True).mT, qs, transpose=True).mT
+
+
+def per_example_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Σ_t g_t ā_tᵀ for a [B, T, w], g [B, T, d_out] → [B, d_out, w]."""
+    return torch.bmm(g.mT, a)
+
+
+def rotate_tokens_first(t: int, d_out: int, w: int, blocks: int = 1) -> bool:
+    """Cost model: rotate T tokens then contract (T·(d_out² + w²)) vs contract then rotate (d_out·w·(d_out + w))."""
+    return t * (d_out * d_out + w * w) <= d_out * w * (d_out + w)
+
+
+def rotated_per_example_grads(a: torch.Tensor, g: torch.Tensor, qs: list[torch.Tensor],
+                              qa: list[torch.Tensor]) -> torch.Tensor:
+    """Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A → [B, d_out, w], in whichever order is cheaper for this T."""
+    if rotate_tokens_first(a.shape[1], g.shape[2], a.shape[2]):
+        return torch.bmm(rotate(g, qs).mT, rotate(a, qa))
+    return to_eigenbasis(per_example_grads(a, g), qs, qa)
+
+
+def chunk_rows(batch: int, d_out: int, w: int) -> int:
+    """How many examples' [d_out, w] gradients fit in one chunk of CHUNK_ELEMENTS."""
+    return max(1, min(batch, CHUNK_ELEMENTS // max(1, d_out * w)))
