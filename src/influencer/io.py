@@ -33,7 +33,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """JSON with insertion order kept (layer order is meaningful)."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

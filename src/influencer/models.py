@@ -129,9 +129,7 @@ def _check_model_folder(name: str) -> Path:
     return path
 
 
-def _load_folder(
-    folder: Path, dtype: torch.dtype, *, source: str
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_folder(folder: Path, dtype: torch.dtype, *, source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     transformers = _import_transformers()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -158,9 +156,7 @@ def _import_transformers() -> types.ModuleType:
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "Loading Hugging Face models needs transformers: pip install 'influencer[hf]'"
-        ) from exc
+        raise ImportError("Loading Hugging Face models needs transformers: pip install 'influencer[hf]'") from exc
     return transformers
 
 

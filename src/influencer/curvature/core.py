@@ -49,6 +49,8 @@ class LayerFactors:
     qs: list[torch.Tensor] | None = None
     lam: torch.Tensor | None = None
     damping: float = 0.0
+    eig_a: torch.Tensor | None = None  # eigenvalues of A (mean over tokens), concatenated over blocks
+    eig_s: torch.Tensor | None = None  # eigenvalues of S
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -59,12 +61,18 @@ class LayerFactors:
         for key, blocks in (("qa", self.qa), ("qs", self.qs)):
             for i, q in enumerate(blocks or []):
                 out[f"{self.name}/{key}.{i}"] = q
-        if self.lam is not None:
-            out[f"{self.name}/lam"] = self.lam
+        for key in ("lam", "eig_a", "eig_s"):
+            value = getattr(self, key)
+            if value is not None:
+                out[f"{self.name}/{key}"] = value
         return out
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def basis_nbytes(self) -> int:
+        """Memory of the eigenbases Q_A, Q_S (what ``blocks`` divides)."""
+        return sum(q.numel() * q.element_size() for q in (self.qa or []) + (self.qs or []))
 
 
 @dataclass
@@ -134,7 +142,10 @@ class Curvature:
         def mv(blocks):
             return None if blocks is None else [q.to(device) for q in blocks]
 
-        layers = {n: replace(f, qa=mv(f.qa), qs=mv(f.qs), lam=None if f.lam is None else f.lam.to(device))
+        def mv1(t):
+            return None if t is None else t.to(device)
+
+        layers = {n: replace(f, qa=mv(f.qa), qs=mv(f.qs), lam=mv1(f.lam), eig_a=mv1(f.eig_a), eig_s=mv1(f.eig_s))
                   for n, f in self.layers.items()}
         return replace(self, layers=layers)
 
@@ -185,6 +196,7 @@ class Curvature:
             "damping_factor": self.damping_factor,
             "seed": self.seed,
             "fingerprint": self.fingerprint,
+            "layer_order": list(self.layers),
             "layers": {
                 n: {"kind": f.kind, "d_out": f.d_out, "d_in": f.d_in, "bias": f.bias, "tokens": f.tokens,
                     "mean_tokens_per_sequence": f.tokens / max(1, self.n_fit), "damping": f.damping,
@@ -229,13 +241,16 @@ class Curvature:
                              "save again")
         tensors = load_tensors(path / _FACTORS)
         layers = {}
-        for name, info in m["layers"].items():
+        for name in m.get("layer_order", list(m["layers"])):
+            info = m["layers"][name]
             layers[name] = LayerFactors(
                 name=name, kind=info["kind"], d_out=info["d_out"], d_in=info["d_in"], bias=info["bias"],
                 tokens=info["tokens"], damping=float(info["damping"]),
                 qa=[tensors[f"{name}/qa.{i}"] for i in range(info["qa_blocks"])] or None,
                 qs=[tensors[f"{name}/qs.{i}"] for i in range(info["qs_blocks"])] or None,
                 lam=tensors.get(f"{name}/lam"),
+                eig_a=tensors.get(f"{name}/eig_a"),
+                eig_s=tensors.get(f"{name}/eig_s"),
             )
         curv = cls(strategy=m["strategy"], fisher=m["fisher"], blocks=m["blocks"], n_fit=m["n_fit"],
                    n_train=m["n_train"], damping=m["damping"], damping_factor=m["damping_factor"],

@@ -106,7 +106,6 @@ class _Run:
         self.batch_size, self.loss, self.seed, self.progress = batch_size, loss, seed, progress
         self.dtype = compute_dtype(model)
         self.n = len(dataset)
-        self._eig: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def _pass(self, desc: str, stream: int):
         for idx, batch in batches(self.dataset, self.task, self.batch_size, desc=desc, progress=self.progress):
@@ -138,14 +137,15 @@ class _Run:
             f.tokens = tokens[name]
             f.qa = [q.to(self.dtype).cpu() for q in qa]
             f.qs = [q.to(self.dtype).cpu() for q in qs]
-            self._eig[name] = (eig_a, eig_s)
+            f.eig_a = torch.cat(eig_a).cpu()
+            f.eig_s = torch.cat(eig_s).cpu()
 
     def kfac_eigenvalues(self, factors: dict[str, LayerFactors]) -> None:
         """Λ = T̄ · (λ_S ⊗ λ_A), T̄ = mean unmasked tokens per sequence (per-sequence scale, like EK-FAC)."""
-        for name, f in factors.items():
-            eig_a, eig_s = self._eig[name]
-            lam_a = torch.cat(eig_a).clamp_min(0)
-            lam_s = torch.cat(eig_s).clamp_min(0)
+        for f in factors.values():
+            assert f.eig_a is not None and f.eig_s is not None
+            lam_a = f.eig_a.clamp_min(0)
+            lam_s = f.eig_s.clamp_min(0)
             f.lam = ((f.tokens / self.n) * torch.outer(lam_s, lam_a)).to(self.dtype)
 
     def ekfac_eigenvalues(self, factors: dict[str, LayerFactors]) -> None:
