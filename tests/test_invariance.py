@@ -153,7 +153,7 @@ def test_save_load_roundtrip_and_model_checks(tmp_path: Path) -> None:
     with pytest.raises(inf.CurvatureMismatchError):
         inf.pairwise_scores(other, task, loaded, queries, ids, progress=False)
     # another architecture
-    with pytest.raises(inf.CurvatureMismatchError, match="model.layers.0.mlp.gate_proj"):
+    with pytest.raises(inf.CurvatureMismatchError, match=r"model\.layers\.0\.mlp\.gate_proj"):
         inf.Curvature.load(tmp_path / "curv", zoo.tiny_llama(hidden=8, intermediate=16))
     with pytest.raises(FileNotFoundError, match="no curvature"):
         inf.Curvature.load(tmp_path / "missing", model)
@@ -164,7 +164,7 @@ def test_with_damping_and_absolute_damping() -> None:
     x, y = zoo.regression_data(20)
     task = inf.Regression()
     curv = inf.fit_curvature(model, task, (x, y), progress=False)
-    for name, f in curv.layers.items():
+    for _name, f in curv.layers.items():
         assert f.damping == pytest.approx(0.1 * float(f.lam.mean()))
     fixed = curv.with_damping(0.5)
     assert all(f.damping == 0.5 for f in fixed.layers.values())

@@ -64,7 +64,7 @@ def test_names_regex_predicate_and_errors() -> None:
     assert inf.select_layers(model, ["2"])[0].shape == (2, 4)
     with pytest.raises(ValueError, match=r"candidates: 0 \[4x3\], 2 \[2x4\]"):
         inf.select_layers(model, "mlp")
-    with pytest.raises(ValueError, match="not nn.Linear/Conv1D"):
+    with pytest.raises(ValueError, match=r"not nn\.Linear/Conv1D"):
         inf.select_layers(model, ["1"])
     with pytest.raises(ValueError, match="matched no layer"):
         inf.select_layers(model, "nothing_like_this")
