@@ -172,3 +172,29 @@ def test_with_damping_and_absolute_damping() -> None:
     s1 = inf.pairwise_scores(model, task, fixed, (x[:2], y[:2]), (x, y), progress=False)
     s2 = inf.pairwise_scores(model, task, direct, (x[:2], y[:2]), (x, y), progress=False)
     torch.testing.assert_close(s1.total, s2.total, **TOL)
+
+
+class _SometimesSharedInput(torch.nn.Module):
+    """Two layers read the same tensor, except in batches of one example, where one reads a copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 3).double()
+        self.b = torch.nn.Linear(4, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.a(x)) + self.b(x.clone() if len(x) == 1 else x)
+
+
+def test_layers_sharing_an_input_share_their_eigenbasis() -> None:
+    model = zoo.tiny_llama()
+    curv = inf.fit_curvature(model, inf.CausalLM(), zoo.token_data(6, t=5), progress=False)
+    gate, up = curv.layers["model.layers.0.mlp.gate_proj"], curv.layers["model.layers.0.mlp.up_proj"]
+    assert gate.qa is up.qa and gate.qs is not up.qs
+    # sharing that holds in some batches only (5 examples in batches of 2, 2, 1) gives the unshared result
+    model = _SometimesSharedInput()
+    x, y = zoo.regression_data(5, d_in=4, d_out=3)
+    shared = inf.fit_curvature(model, inf.Regression(), (x, y), batch_size=2, progress=False)
+    apart = inf.fit_curvature(model, inf.Regression(), (x, y), batch_size=1, progress=False)
+    assert shared.layers["a"].qa is not shared.layers["b"].qa
+    _assert_same_factors(shared, apart)

@@ -46,6 +46,7 @@ class Capture:
 
     def __init__(self, layers: list[Layer]):
         self.layers = layers
+        # per call: (raw input — kept so its id() identifies inputs shared between layers, output)
         self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {x.name: [] for x in layers}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -68,9 +69,9 @@ class Capture:
             if not output.requires_grad:
                 # Nothing upstream needs a gradient: make the output a leaf so ∂loss/∂output still flows.
                 output = output.detach().requires_grad_(True)
-                calls.append((inputs[0].detach(), output))
+                calls.append((inputs[0], output))
                 return output
-            calls.append((inputs[0].detach(), output))
+            calls.append((inputs[0], output))
             return None
 
         return hook
@@ -92,13 +93,17 @@ class Capture:
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
         it = iter(grads)
         result = {}
+        # layers fed the very same input tensor (e.g. gate_proj and up_proj) share one ā tensor object, so
+        # consumers can compute its covariance or rotation once (they test ``a is other.a``)
+        shared_inputs: dict[tuple[int, bool], torch.Tensor] = {}
         for layer in self.layers:
             a_parts, g_parts, tokens = [], [], 0
             for x, out in self._calls[layer.name]:
                 g = next(it)
                 if g is None:
                     g = torch.zeros_like(out)
-                a, g, m = _per_token(layer, x, g, mask, batch_size)
+                a, g, m = _per_token(layer, x.detach(), g, mask, batch_size)
+                a = shared_inputs.setdefault((id(x), layer.bias), a)
                 a_parts.append(a)
                 g_parts.append(g)
                 tokens += m

@@ -21,11 +21,11 @@ from influencer.curvature.core import (
     resolve_damping,
 )
 from influencer.curvature.linalg import (
+    accumulate_squared_grads,
     block_covariance,
-    chunk_rows,
     eigh_blocks,
-    per_example_grads,
-    rotated_per_example_grads,
+    rotate,
+    rotate_tokens_first,
     split_sizes,
 )
 from influencer.layers import Layer, LayerSpec, select_layers
@@ -113,29 +113,41 @@ class _Run:
                            stream=stream)
 
     def covariance(self, factors: dict[str, LayerFactors], blocks: int) -> None:
-        """A = mean ā āᵀ and S = mean g gᵀ over unmasked tokens, eigendecomposed block by block (float64)."""
+        """A = mean ā āᵀ and S = mean g gᵀ over unmasked tokens, eigendecomposed block by block (float64).
+
+        Layers fed the same input in every batch (gate_proj and up_proj) share one A sum and one eigenbasis.
+        """
         sizes = {x.name: (split_sizes(x.width, blocks), split_sizes(x.d_out, blocks)) for x in self.layers}
         a_sum: dict[str, list[torch.Tensor]] = {}
         s_sum: dict[str, list[torch.Tensor]] = {}
+        a_owner: dict[str, str] = {}  # layer → the layer whose A sum it shares (itself if none)
         tokens = dict.fromkeys(sizes, 0)
         for io in self._pass("covariance", _STREAM_COVARIANCE):
+            if not a_owner:
+                first_seen: dict[int, str] = {}
+                a_owner = {name: first_seen.setdefault(id(x.a), name) for name, x in io.items()}
+            for name, owner in a_owner.items():
+                if owner != name and io[name].a is not io[owner].a:  # sharing broke: take a private copy
+                    a_sum[name] = [c.clone() for c in a_sum[owner]]
+                    a_owner[name] = name
             for name, x in io.items():
-                a_blocks = block_covariance(x.a.reshape(-1, x.a.shape[-1]), sizes[name][0], self.dtype)
-                s_blocks = block_covariance(x.g.reshape(-1, x.g.shape[-1]), sizes[name][1], self.dtype)
-                if name in a_sum:
-                    for acc, new in zip(a_sum[name], a_blocks, strict=True):
-                        acc += new
-                    for acc, new in zip(s_sum[name], s_blocks, strict=True):
-                        acc += new
-                else:
-                    a_sum[name], s_sum[name] = a_blocks, s_blocks
+                if a_owner[name] == name:
+                    a_sum[name] = block_covariance(x.a.reshape(-1, x.a.shape[-1]), sizes[name][0], self.dtype,
+                                                   a_sum.get(name))
+                s_sum[name] = block_covariance(x.g.reshape(-1, x.g.shape[-1]), sizes[name][1], self.dtype,
+                                               s_sum.get(name))
                 tokens[name] += x.tokens
+        eig_a_of: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for name, f in factors.items():
             count = max(1, tokens[name])
-            eig_a, qa = eigh_blocks([c / count for c in a_sum[name]])
+            owner = a_owner[name]
+            if owner not in eig_a_of:
+                eig, q = eigh_blocks([c / count for c in a_sum[owner]])
+                eig_a_of[owner] = (eig, [v.to(self.dtype).cpu() for v in q])
+            eig_a, qa = eig_a_of[owner]
             eig_s, qs = eigh_blocks([c / count for c in s_sum[name]])
             f.tokens = tokens[name]
-            f.qa = [q.to(self.dtype).cpu() for q in qa]
+            f.qa = qa
             f.qs = [q.to(self.dtype).cpu() for q in qs]
             f.eig_a = torch.cat(eig_a).cpu()
             f.eig_s = torch.cat(eig_s).cpu()
@@ -150,37 +162,39 @@ class _Run:
 
     def ekfac_eigenvalues(self, factors: dict[str, LayerFactors]) -> None:
         """Λ = (1/N) Σ_n (Q_Sᵀ Ĝ_n Q_A)⊙², fitted on per-sequence gradients."""
-        lam = {name: torch.zeros(f.shape, dtype=self.dtype) for name, f in factors.items()}
-        bases: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for io in self._pass("eigenvalue correction", _STREAM_LAMBDA):
-            for name, x in io.items():
-                f = factors[name]
-                if name not in bases:
-                    assert f.qa is not None and f.qs is not None
-                    bases[name] = ([q.to(x.a.device) for q in f.qs], [q.to(x.a.device) for q in f.qa])
-                qs, qa = bases[name]
-                a, g = x.a.to(self.dtype), x.g.to(self.dtype)
-                acc = lam[name].to(a.device)
-                step = chunk_rows(len(a), *f.shape)
-                for lo in range(0, len(a), step):
-                    acc += rotated_per_example_grads(a[lo:lo + step], g[lo:lo + step], qs, qa).pow(2).sum(0)
-                lam[name] = acc
-        for name, f in factors.items():
-            f.lam = (lam[name] / self.n).cpu()
+        self._squared_grads_pass(factors, "eigenvalue correction", _STREAM_LAMBDA, rotated=True)
 
     def diagonal(self, factors: dict[str, LayerFactors]) -> None:
         """Λ = (1/N) Σ_n Ĝ_n⊙² in the standard basis."""
-        lam = {name: torch.zeros(f.shape, dtype=self.dtype) for name, f in factors.items()}
+        tokens = self._squared_grads_pass(factors, "diagonal", _STREAM_DIAGONAL, rotated=False)
+        for name, f in factors.items():
+            f.tokens = tokens[name]
+
+    def _squared_grads_pass(self, factors: dict[str, LayerFactors], desc: str, stream: int,
+                            rotated: bool) -> dict[str, int]:
+        """Accumulate Σ_n (per-sequence gradient, optionally in the eigenbasis)⊙² into f.lam; returns tokens."""
+        acc_t: dict[str, torch.Tensor] = {}  # transposed accumulators [w, d_out]
+        bases: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         tokens = dict.fromkeys(factors, 0)
-        for io in self._pass("diagonal", _STREAM_DIAGONAL):
+        for io in self._pass(desc, stream):
+            rotated_inputs: dict[tuple[int, int], torch.Tensor] = {}  # (id ā, id Q_A) → ā Q_A, shared inputs
             for name, x in io.items():
+                f = factors[name]
                 a, g = x.a.to(self.dtype), x.g.to(self.dtype)
-                acc = lam[name].to(a.device)
-                step = chunk_rows(len(a), *factors[name].shape)
-                for lo in range(0, len(a), step):
-                    acc += per_example_grads(a[lo:lo + step], g[lo:lo + step]).pow(2).sum(0)
-                lam[name] = acc
+                if name not in acc_t:
+                    acc_t[name] = torch.zeros(f.shape[::-1], dtype=self.dtype, device=a.device)
+                    if rotated:
+                        assert f.qa is not None and f.qs is not None
+                        bases[name] = ([q.to(a.device) for q in f.qs], [q.to(a.device) for q in f.qa])
+                qs, qa = bases[name] if rotated else (None, None)
+                rotated_a = None
+                if rotated and rotate_tokens_first(a.shape[1], f.d_out, a.shape[2]):
+                    key = (id(x.a), id(f.qa[0]))  # type: ignore[index]
+                    if key not in rotated_inputs:
+                        rotated_inputs[key] = rotate(a, qa)  # type: ignore[arg-type]
+                    rotated_a = rotated_inputs[key]
+                accumulate_squared_grads(acc_t[name], a, g, qs, qa, rotated_a)
                 tokens[name] += x.tokens
         for name, f in factors.items():
-            f.lam = (lam[name] / self.n).cpu()
-            f.tokens = tokens[name]
+            f.lam = (acc_t[name].T / self.n).contiguous().cpu()
+        return tokens

@@ -1,0 +1,88 @@
+"""End-to-end demo: EK-FAC influence on the built-in SmolLM2-135M over King James verses.
+
+Run with ``make demo`` or ``python -m influencer.demo [--verses N] [--layers PRESET|REGEX]``. Fits the curvature
+on the verses, then prints, for a few built-in queries, the verses whose addition would most increase
+log p(completion | prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import influencer as inf
+from influencer.data import kjv_verses, tokenize_queries, tokenize_texts
+from influencer.models import load_model
+
+#: famous verses added to the fitting set (by citation) so that the queries below have a source to find
+FAMOUS = ("John 3:16", "Psalms 23:1", "Ecclesiastes 1:9")
+
+QUERIES = (
+    # (prompt, completion, the citation it comes from or None)
+    ("In the beginning God created", " the heaven and the earth.", "Genesis 1:1"),
+    ("For God so loved the world, that he gave his only begotten Son,",
+     " that whosoever believeth in him should not perish, but have everlasting life.", "John 3:16"),
+    ("At the very start, God made", " the sky and the land.", None),
+    ("The capital of France is", " Paris.", None),
+)
+
+
+def _corpus(n: int) -> list[dict[str, str]]:
+    verses = kjv_verses(n)
+    wanted = set(FAMOUS) - {v["citation"] for v in verses}
+    if wanted:
+        verses += [v for v in kjv_verses() if v["citation"] in wanted]
+    return verses
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verses", type=int, default=96, help="first N verses of Genesis (+ a few famous ones)")
+    parser.add_argument("--layers", default="mlp", help="layer preset or regex (default: mlp of every block)")
+    parser.add_argument("--strategy", default="ekfac", choices=inf.STRATEGIES)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--top", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    model, tok = load_model("smollm2-135m")
+    verses = _corpus(args.verses)
+    texts = [v["text"] for v in verses]
+    train = tokenize_texts(tok, texts)
+    task = inf.CausalLM(pad_token_id=tok.pad_token_id)
+    print(f"SmolLM2-135M loaded in {time.perf_counter() - t0:.1f}s; {len(texts)} verses, "
+          f"{int(train['attention_mask'].sum())} tokens")
+
+    t1 = time.perf_counter()
+    curv = inf.fit_curvature(model, task, train, strategy=args.strategy, layers=args.layers,
+                             batch_size=args.batch_size)
+    print(f"fitted {args.strategy} on {len(curv.layers)} layers in {time.perf_counter() - t1:.1f}s "
+          f"(factors {curv.nbytes() / 2**20:.0f} MiB)")
+
+    prompts, completions, _sources = zip(*QUERIES, strict=True)
+    queries = tokenize_queries(tok, list(prompts), list(completions))
+    t2 = time.perf_counter()
+    scores = inf.pairwise_scores(model, task, curv, queries, train, batch_size=args.batch_size)
+    print(f"scored {len(prompts)} queries × {len(texts)} verses in {time.perf_counter() - t2:.1f}s\n")
+
+    citations = [v["citation"] for v in verses]
+    for q, (prompt, completion, source) in enumerate(QUERIES):
+        print(f"Query {q + 1}: {prompt!r} → {completion!r}")
+        for rank, (i, score) in enumerate(scores.top(q, args.top), 1):
+            print(f"  {rank}. {citations[i]:<18} I = {score:10.2f}  per copy = {score / scores.n_train:+.4f} nats  "
+                  f"{texts[i][:70]!r}")
+        if source is not None:
+            i = citations.index(source)
+            rank = int((scores.total[q] > scores.total[q, i]).sum()) + 1
+            print(f"  source verse {source} ranks #{rank} of {len(texts)}")
+        print()
+    print(f"total {time.perf_counter() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
