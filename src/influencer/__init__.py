@@ -7,7 +7,8 @@
 
 from influencer.curvature import STRATEGIES, Curvature, CurvatureMismatchError, LayerFactors, fit_curvature
 from influencer.layers import Layer, select_layers
-from influencer.queries import measurement_gradients, preconditioned_queries
+from influencer.queries import QueryStore, measurement_gradients, preconditioned_queries
+from influencer.scan import Hit, ScanResult, scan
 from influencer.scores import Scores, pairwise_scores, self_scores
 from influencer.tasks import CausalLM, Classification, Regression, Task
 
@@ -19,9 +20,12 @@ __all__ = [
     "Classification",
     "Curvature",
     "CurvatureMismatchError",
+    "Hit",
     "Layer",
     "LayerFactors",
+    "QueryStore",
     "Regression",
+    "ScanResult",
     "Scores",
     "Task",
     "__version__",
@@ -29,6 +33,7 @@ __all__ = [
     "measurement_gradients",
     "pairwise_scores",
     "preconditioned_queries",
+    "scan",
     "select_layers",
     "self_scores",
 ]

@@ -1,0 +1,502 @@
+"""One streaming pass over the training data for every resident query (paper §3.2–3.3).
+
+Per query the scan keeps the top-k most positive and most negative training sequences (with their per-layer
+scores), the top-k of each layer band (lower / middle / upper third of the tracked layers, §5.3.2) and running
+totals (count, sum, sum of positive influence, sum of squares). No [Q, N] matrix is held unless asked for.
+A second, targeted pass over the hits splits each hit's score over its tokens (Eq. 31).
+
+With ``out_dir`` the scan is resumable: every shard of training sequences is written atomically when done and
+recorded in ``scan.json``; the same call after an interruption skips finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from influencer.curvature.core import Curvature
+from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from influencer.layers import Layer
+from influencer.passes import batches, compute_dtype, eval_mode, layer_io
+from influencer.queries import LayerQueries, QueryStore
+from influencer.tasks import Task
+
+BANDS = ("lower", "middle", "upper")
+SPURIOUS_RATIO = 2 / 3
+#: extra memory the scan may spend on dense copies of rank-k queries to use the cheaper contraction order
+DEFAULT_DENSE_BUDGET = 1 << 30
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-layer contraction with a cost model
+# --------------------------------------------------------------------------------------------------------
+
+
+def contraction_costs(q: int, k: int | None, t: float, d_out: int, w: int) -> dict[str, float]:
+    """Multiply-adds per training sequence for one layer.
+
+    "tokens": never form the per-sequence gradient; Σ_t (U_kᵀ g_t)·(S_k V_kᵀ ā_t) (or g_tᵀ P ā_t if exact).
+    "materialize": form Ĝ = Σ_t g_t ā_tᵀ once (T·d_out·w), then one dot product per query (Q·d_out·w).
+    """
+    per_token = q * (k * (d_out + w) if k is not None else d_out * w)
+    return {"tokens": t * per_token, "materialize": t * d_out * w + q * d_out * w}
+
+
+class _LayerScorer:
+    """Scores of one layer for all queries: [Q, B] per batch, or per token [Q, B, T]."""
+
+    def __init__(self, layer: Layer, lq: LayerQueries, mode: str, dtype: torch.dtype, device: torch.device):
+        self.layer, self.mode = layer, mode
+        d_out, w = layer.shape
+        q = lq.n_queries
+        if lq.low_rank:
+            assert lq.left is not None and lq.right is not None
+            k = lq.left.shape[-1]
+            self.k = k
+            self.left = lq.left.to(device, dtype).permute(1, 0, 2).reshape(d_out, q * k)  # [d_out, Q·k]
+            self.right = lq.right.to(device, dtype).permute(2, 0, 1).reshape(w, q * k)  # [w, Q·k]
+            self.p_in = None
+        else:
+            self.k = None
+            p = lq.to_dense().to(device, dtype)
+            self.p_in = p.permute(2, 0, 1).reshape(w, q * d_out)  # ā_t @ p_in → [Q, d_out] per token
+        self.q = q
+        # materialize mode: P in the [w, d_out] layout of per-example aᵀg products
+        self.p_flat = lq.to_dense().to(device, dtype).mT.reshape(q, w * d_out) if mode == "materialize" else None
+
+    def token_scores(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """⟨P, g_t ā_tᵀ⟩ per query and token: [Q, B, T]."""
+        b, t, _ = a.shape
+        if self.k is not None:
+            prod = (g @ self.left) * (a @ self.right)  # [B, T, Q·k]
+            per = prod.view(b, t, self.q, self.k).sum(-1)
+        else:
+            assert self.p_in is not None
+            pa = (a @ self.p_in).view(b, t, self.q, -1)  # [B, T, Q, d_out]
+            per = (pa * g.unsqueeze(2)).sum(-1)
+        return per.permute(2, 0, 1)
+
+    def scores(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """⟨P, Σ_t g_t ā_tᵀ⟩ per query and sequence: [Q, B]."""
+        if self.mode == "tokens":
+            return self.token_scores(a, g).sum(-1)
+        assert self.p_flat is not None
+        out = torch.empty(self.q, a.shape[0], dtype=a.dtype, device=a.device)
+        for i in range(a.shape[0]):
+            out[:, i] = self.p_flat @ (a[i].T @ g[i]).reshape(-1)
+        return out
+
+
+def _choose_modes(layers: list[Layer], store: QueryStore, tokens_per_seq: float, dense_budget: int,
+                  force: str | None) -> dict[str, str]:
+    """Pick each layer's contraction order by the cost model, within a memory budget for dense copies."""
+    modes: dict[str, str] = {}
+    gains = []
+    for layer in layers:
+        lq = store.layers[layer.name]
+        d_out, w = layer.shape
+        cost = contraction_costs(lq.n_queries, lq.rank, tokens_per_seq, d_out, w)
+        modes[layer.name] = "tokens"
+        if force is not None:
+            modes[layer.name] = force
+        elif cost["materialize"] < cost["tokens"]:
+            extra = lq.n_queries * d_out * w * 4 if lq.low_rank else 0
+            gains.append((cost["tokens"] - cost["materialize"], extra, layer.name))
+    budget = dense_budget
+    for _gain, extra, name in sorted(gains, reverse=True):
+        if extra <= budget:
+            modes[name] = "materialize"
+            budget -= extra
+    return modes
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running top-k and totals
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Top:
+    """Top-k per query: values [Q, K], indices [Q, K] (−1 = empty), per-layer scores [Q, K, L]."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    layers: torch.Tensor
+
+    @classmethod
+    def empty(cls, q: int, k: int, n_layers: int, largest: bool, dtype: torch.dtype) -> _Top:
+        fill = float("-inf") if largest else float("inf")
+        return cls(torch.full((q, k), fill, dtype=dtype), torch.full((q, k), -1, dtype=torch.long),
+                   torch.zeros(q, k, n_layers, dtype=dtype))
+
+    def update(self, values: torch.Tensor, indices: torch.Tensor, layers: torch.Tensor, largest: bool) -> None:
+        """values [Q, B], indices [B] (or [Q, B]), layers [Q, B, L]; masked entries hold ∓inf."""
+        k = self.values.shape[1]
+        q = values.shape[0]
+        idx = indices.expand(q, -1) if indices.dim() == 1 else indices
+        all_v = torch.cat([self.values, values], 1)
+        all_i = torch.cat([self.indices, idx], 1)
+        all_l = torch.cat([self.layers, layers], 1)
+        # deterministic: order by value, ties by smaller index (stable sort on a pre-sorted index order)
+        order = torch.argsort(all_i, dim=1, stable=True)
+        all_v, all_i = all_v.gather(1, order), all_i.gather(1, order)
+        all_l = all_l.gather(1, order.unsqueeze(-1).expand_as(all_l))
+        top = torch.argsort(all_v, dim=1, descending=largest, stable=True)[:, :k]
+        self.values = all_v.gather(1, top)
+        self.indices = all_i.gather(1, top)
+        self.layers = all_l.gather(1, top.unsqueeze(-1).expand(-1, -1, all_l.shape[-1]))
+        self.indices[~torch.isfinite(self.values)] = -1
+
+
+def _band_slices(n_layers: int) -> dict[str, slice]:
+    """Lower / middle / upper third of the tracked layers (in forward order)."""
+    cuts = [round(i * n_layers / 3) for i in range(4)]
+    return {band: slice(cuts[i], cuts[i + 1]) for i, band in enumerate(BANDS)}
+
+
+@dataclass
+class _State:
+    """Everything a range of training sequences contributes; shards merge by :meth:`merge`."""
+
+    top: _Top
+    bottom: _Top
+    bands: dict[str, _Top]
+    count: torch.Tensor
+    total: torch.Tensor
+    positive: torch.Tensor
+    squares: torch.Tensor
+    scores: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (indices [B], [Q, B])
+
+    @classmethod
+    def empty(cls, q: int, k: int, n_layers: int, dtype: torch.dtype) -> _State:
+        z = torch.zeros(q, dtype=torch.float64)
+        return cls(_Top.empty(q, k, n_layers, True, dtype), _Top.empty(q, k, n_layers, False, dtype),
+                   {b: _Top.empty(q, k, n_layers, True, dtype) for b in BANDS}, z.clone(), z.clone(), z.clone(),
+                   z.clone())
+
+    def update(self, indices: torch.Tensor, per_layer: torch.Tensor, allowed: torch.Tensor | None,
+               keep_scores: bool) -> None:
+        """per_layer [L, Q, B] scores of sequences ``indices`` [B]; allowed [Q, B] bool (prefilter) or None."""
+        total = per_layer.sum(0)
+        layers = per_layer.permute(1, 2, 0)  # [Q, B, L]
+        valid = torch.ones_like(total, dtype=torch.bool) if allowed is None else allowed
+        inf = torch.tensor(float("inf"), dtype=total.dtype)
+        self.top.update(torch.where(valid, total, -inf), indices, layers, True)
+        self.bottom.update(torch.where(valid, total, inf), indices, layers, False)
+        for band, sl in _band_slices(per_layer.shape[0]).items():
+            band_total = per_layer[sl].sum(0)
+            self.bands[band].update(torch.where(valid, band_total, -inf), indices, layers, True)
+        t64 = torch.where(valid, total, 0).to(torch.float64)
+        self.count += valid.sum(1)
+        self.total += t64.sum(1)
+        self.positive += t64.clamp_min(0).sum(1)
+        self.squares += t64.pow(2).sum(1)
+        if keep_scores:
+            self.scores.append((indices.clone(), torch.where(valid, total, torch.nan)))
+
+    def merge(self, other: _State) -> None:
+        for mine, theirs, largest in ((self.top, other.top, True), (self.bottom, other.bottom, False),
+                                      *((self.bands[b], other.bands[b], True) for b in BANDS)):
+            mine.update(theirs.values, theirs.indices, theirs.layers, largest)
+        self.count += other.count
+        self.total += other.total
+        self.positive += other.positive
+        self.squares += other.squares
+        self.scores.extend(other.scores)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"count": self.count, "total": self.total, "positive": self.positive, "squares": self.squares}
+        for name, top in (("top", self.top), ("bottom", self.bottom), *((f"band_{b}", self.bands[b]) for b in BANDS)):
+            out.update({f"{name}/values": top.values, f"{name}/indices": top.indices, f"{name}/layers": top.layers})
+        if self.scores:
+            out["scores/indices"] = torch.cat([i for i, _ in self.scores])
+            out["scores/values"] = torch.cat([s for _, s in self.scores], 1)
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> _State:
+        def top(name: str) -> _Top:
+            return _Top(t[f"{name}/values"], t[f"{name}/indices"], t[f"{name}/layers"])
+
+        state = cls(top("top"), top("bottom"), {b: top(f"band_{b}") for b in BANDS}, t["count"], t["total"],
+                    t["positive"], t["squares"])
+        if "scores/indices" in t:
+            state.scores.append((t["scores/indices"], t["scores/values"]))
+        return state
+
+
+# --------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hit:
+    """One training sequence's influence on one query.
+
+    score: raw influence I(q, z); per_copy: I / N (Δ log p in nats per added copy); layers: name → I_l.
+    tokens: I_t per position [T] (Σ_t = score) once token attribution ran; the value at position t belongs to
+    the token at t, whose weights were used to predict token t+1. spurious: ‖I_t‖₂ / ‖I_t‖₁ > 2/3 (§5.3).
+    """
+
+    query: int
+    index: int
+    score: float
+    per_copy: float
+    layers: dict[str, float]
+    tokens: torch.Tensor | None = None
+    layer_tokens: torch.Tensor | None = None
+
+    @property
+    def spurious(self) -> bool | None:
+        if self.tokens is None:
+            return None
+        l1 = float(self.tokens.abs().sum())
+        return l1 > 0 and float(self.tokens.norm()) / l1 > SPURIOUS_RATIO
+
+
+@dataclass
+class ScanResult:
+    """What a scan returns: top hits per query, band re-rankings, totals, optional full scores."""
+
+    state: _State
+    layer_names: list[str]
+    n_train: int
+    n_scanned: int
+    token_scores: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (q, index) → [L, T]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_queries(self) -> int:
+        return self.state.count.shape[0]
+
+    def top(self, query: int, k: int | None = None, *, negative: bool = False, band: str | None = None) -> list[Hit]:
+        """Hits for one query, best first: most positive (default), most negative, or by a layer band's score."""
+        if band is not None and band not in BANDS:
+            raise ValueError(f"band must be one of {BANDS}, got {band!r}")
+        src = self.state.bands[band] if band else (self.state.bottom if negative else self.state.top)
+        hits = []
+        for j in range(src.values.shape[1] if k is None else min(k, src.values.shape[1])):
+            idx = int(src.indices[query, j])
+            if idx < 0:
+                break
+            layers = {n: float(v) for n, v in zip(self.layer_names, src.layers[query, j], strict=True)}
+            score = float(src.layers[query, j].sum())
+            lt = self.token_scores.get((query, idx))
+            hits.append(Hit(query, idx, score, score / self.n_train, layers,
+                            None if lt is None else lt.sum(0), lt))
+        return hits
+
+    def stats(self, query: int) -> dict[str, float]:
+        """Running totals for one query: count, mean, std, sum and sum of positive influence."""
+        n = float(self.state.count[query])
+        s, sq = float(self.state.total[query]), float(self.state.squares[query])
+        mean = s / max(n, 1)
+        return {"count": n, "sum": s, "mean": mean, "std": max(sq / max(n, 1) - mean * mean, 0.0) ** 0.5,
+                "positive_sum": float(self.state.positive[query])}
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        """Full scores [Q, N] (NaN where not scanned) if the scan kept them."""
+        if not self.state.scores:
+            return None
+        idx = torch.cat([i for i, _ in self.state.scores])
+        vals = torch.cat([v for _, v in self.state.scores], 1)
+        out = torch.full((vals.shape[0], self.n_scanned_max()), float("nan"), dtype=vals.dtype)
+        out[:, idx] = vals
+        return out
+
+    def n_scanned_max(self) -> int:
+        return int(self.meta.get("n_dataset", self.n_scanned))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        tensors = self.state.tensors()
+        for (q, i), v in self.token_scores.items():
+            tensors[f"tokens/{q}/{i}"] = v
+        atomic_save_tensors(path / "result.safetensors", tensors)
+        atomic_write_json(path / "result.json", {"format": "influencer.scan", "version": 1,
+                                                 "layer_names": self.layer_names, "n_train": self.n_train,
+                                                 "n_scanned": self.n_scanned, "meta": self.meta})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ScanResult:
+        path = Path(path)
+        m = read_json(path / "result.json")
+        t = load_tensors(path / "result.safetensors")
+        tokens = {}
+        for key in [k for k in t if k.startswith("tokens/")]:
+            _, q, i = key.split("/")
+            tokens[(int(q), int(i))] = t.pop(key)
+        return cls(_State.from_tensors(t), m["layer_names"], m["n_train"], m["n_scanned"], tokens, m["meta"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The scan
+# --------------------------------------------------------------------------------------------------------
+
+
+def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train: Any, *,
+         store: QueryStore | None = None, rank: int | None = 32, top_k: int = 10, batch_size: int = 16,
+         candidates: Sequence[torch.Tensor] | torch.Tensor | None = None, keep_scores: bool = False,
+         tokens: bool = True, out_dir: str | os.PathLike | None = None, shard_size: int = 1024,
+         n_train: int | None = None, contraction: str | None = None, dense_budget: int = DEFAULT_DENSE_BUDGET,
+         progress: bool = True) -> ScanResult:
+    """Score every training sequence against every query in one pass; returns a :class:`ScanResult`.
+
+    rank: rank of the stored queries (None = exact). top_k: hits kept per query (positive, negative, per band).
+    candidates: a prefilter — one index tensor per query (or one shared tensor); other pairs are not scored.
+    keep_scores: also keep the full score matrix (in shards when ``out_dir`` is given).
+    tokens: run the targeted second pass that splits every top hit over its tokens and layers.
+    out_dir: make the scan resumable (shards + ``scan.json``); the same call continues an interrupted run.
+    contraction: force "tokens" or "materialize" (default: the cost model decides per layer).
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+    if contraction not in (None, "tokens", "materialize"):
+        raise ValueError(f"contraction must be None, 'tokens' or 'materialize', got {contraction!r}")
+    layers = curvature.bind(model)
+    dataset = task.as_dataset(train)
+    n = len(dataset)  # type: ignore[arg-type]
+    out = Path(out_dir) if out_dir is not None else None
+    if store is None and out is not None and (out / "queries.json").is_file():
+        store = QueryStore.load(out)
+    if store is None:
+        store = QueryStore.build(model, task, curvature, queries, rank=rank, progress=progress)
+        if out is not None:
+            store.save(out)
+    q = store.n_queries
+    allowed_mask, order = _candidates(candidates, q, n)
+    dtype = compute_dtype(model)
+    device = next(model.parameters()).device
+    t_mean = max(1.0, sum(f.tokens for f in curvature.layers.values()) / max(1, len(curvature.layers))
+                 / max(1, curvature.n_fit))
+    modes = _choose_modes(layers, store, t_mean, dense_budget, contraction)
+    scorers = [_LayerScorer(x, store.layers[x.name], modes[x.name], dtype, device) for x in layers]
+    config = {"n": n, "queries": q, "rank": store.rank, "top_k": top_k, "shard_size": shard_size,
+              "keep_scores": keep_scores, "layers": [x.name for x in layers],
+              "curvature": curvature.fingerprint.get("digest"), "strategy": curvature.strategy,
+              "damping": [f.damping for f in curvature.layers.values()],
+              "candidates": hashlib.sha256(order.numpy().tobytes()).hexdigest()}
+    progress_file = out / "scan.json" if out is not None else None
+    done: set[int] = set()
+    if progress_file is not None and progress_file.is_file():
+        saved = read_json(progress_file)
+        if saved.get("config") != config:
+            raise ValueError(f"'{out}' holds a scan with different settings; use another out_dir or delete it")
+        done = set(saved["done"])
+    shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)] if out else [order]
+    state = _State.empty(q, top_k, len(layers), dtype)
+    with eval_mode(model):
+        for s, shard in enumerate(shards):
+            path = out / "shards" / f"{s:06d}.safetensors" if out is not None else None
+            if s in done and path is not None and path.is_file():
+                state.merge(_State.from_tensors(load_tensors(path)))
+                continue
+            shard_state = _scan_shard(model, task, layers, scorers, dataset, shard, allowed_mask, q, top_k, dtype,
+                                      batch_size, keep_scores, progress, f"scan {s + 1}/{len(shards)}")
+            if path is not None and progress_file is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_save_tensors(path, shard_state.tensors())
+                done.add(s)
+                atomic_write_json(progress_file, {"config": config, "done": sorted(done),
+                                                  "shards": len(shards)})
+            state.merge(shard_state)
+    result = ScanResult(state, [x.name for x in layers], curvature.n_train if n_train is None else int(n_train),
+                        len(order), meta={"rank": store.rank, "modes": modes, "n_dataset": n,
+                                          "prefiltered": candidates is not None,
+                                          "store": store.memory_report()})
+    if tokens:
+        attribute_tokens(model, task, store, layers, dataset, result, batch_size=batch_size)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def _candidates(candidates: Sequence[torch.Tensor] | torch.Tensor | None, q: int,
+                n: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(allowed [Q, N] bool or None, the sorted training indices to scan)."""
+    if candidates is None:
+        return None, torch.arange(n)
+    if isinstance(candidates, torch.Tensor) and candidates.dim() == 1:
+        candidates = [candidates] * q
+    if len(candidates) != q:
+        raise ValueError(f"candidates: got {len(candidates)} index lists for {q} queries")
+    allowed = torch.zeros(q, n, dtype=torch.bool)
+    for i, c in enumerate(candidates):
+        c = torch.as_tensor(c, dtype=torch.long)
+        if len(c) and (int(c.min()) < 0 or int(c.max()) >= n):
+            raise ValueError(f"candidates for query {i} index outside the {n} training sequences")
+        allowed[i, c] = True
+    return allowed, allowed.any(0).nonzero().flatten()
+
+
+class _Subset:
+    def __init__(self, dataset: Any, indices: torch.Tensor):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(self.indices[i])]
+
+
+def _scan_shard(model: nn.Module, task: Task, layers: list[Layer], scorers: list[_LayerScorer], dataset: Any,
+                shard: torch.Tensor, allowed: torch.Tensor | None, q: int, top_k: int, dtype: torch.dtype,
+                batch_size: int, keep_scores: bool, progress: bool, desc: str) -> _State:
+    state = _State.empty(q, top_k, len(layers), dtype)
+    subset = _Subset(dataset, shard)
+    for local, batch in batches(subset, task, batch_size, desc=desc, progress=progress):
+        idx = shard[local]
+        io = layer_io(model, task, layers, batch, idx, loss="train")
+        per_layer = torch.stack([s.scores(io[s.layer.name].a.to(dtype), io[s.layer.name].g.to(dtype)).cpu()
+                                 for s in scorers])
+        state.update(idx, per_layer, None if allowed is None else allowed[:, idx], keep_scores)
+    return state
+
+
+def attribute_tokens(model: nn.Module, task: Task, store: QueryStore, layers: list[Layer], dataset: Any,
+                     result: ScanResult, *, batch_size: int = 16) -> None:
+    """Targeted second pass over the hits: per hit the layer × token matrix [L, T] (Σ = the hit's score).
+
+    Fills ``result.token_scores`` for every hit in the top, bottom and band lists. Memory grows with the
+    number of hits, not with N.
+    """
+    st = result.state
+    wanted: dict[int, set[int]] = {}
+    for top in (st.top, st.bottom, *st.bands.values()):
+        for qi in range(top.indices.shape[0]):
+            for idx in top.indices[qi].tolist():
+                if idx >= 0:
+                    wanted.setdefault(idx, set()).add(qi)
+    if not wanted:
+        return
+    dtype = compute_dtype(model)
+    device = next(model.parameters()).device
+    scorers = [_LayerScorer(x, store.layers[x.name], "tokens", dtype, device) for x in layers]
+    order = torch.tensor(sorted(wanted))
+    subset = _Subset(dataset, order)
+    with eval_mode(model):
+        for local, batch in batches(subset, task, batch_size, desc="token attribution", progress=False):
+            idx = order[local]
+            mask = task.token_mask(task.to(batch, device))
+            io = layer_io(model, task, layers, batch, idx, loss="train")
+            per = []
+            for s in scorers:
+                x = io[s.layer.name]
+                ts = s.token_scores(x.a.to(dtype), x.g.to(dtype))  # [Q, B, uses·T]
+                per.append(ts.view(ts.shape[0], ts.shape[1], x.uses, -1).sum(2).cpu())
+            per_layer = torch.stack(per, 1)  # [Q, L, B, T]
+            for j, i in enumerate(idx.tolist()):
+                length = int(mask[j].sum()) if mask is not None else per_layer.shape[-1]
+                for qi in wanted[i]:
+                    result.token_scores[(qi, i)] = per_layer[qi, :, j, :length].clone()
