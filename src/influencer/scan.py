@@ -272,6 +272,7 @@ class ScanResult:
     n_scanned: int
     token_scores: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (q, index) → [L, T]
     meta: dict[str, Any] = field(default_factory=dict)
+    directory: Path | None = None  # the run directory of a resumable scan (full scores live in its shards)
 
     @property
     def n_queries(self) -> int:
@@ -304,17 +305,20 @@ class ScanResult:
 
     @property
     def scores(self) -> torch.Tensor | None:
-        """Full scores [Q, N] (NaN where not scanned) if the scan kept them."""
-        if not self.state.scores:
+        """Full scores [Q, N] (NaN where not scored) if the scan kept them (read from the shards of a run dir)."""
+        if not self.meta.get("keep_scores"):
             return None
-        idx = torch.cat([i for i, _ in self.state.scores])
-        vals = torch.cat([v for _, v in self.state.scores], 1)
-        out = torch.full((vals.shape[0], self.n_scanned_max()), float("nan"), dtype=vals.dtype)
+        chunks = list(self.state.scores)
+        if not chunks and self.directory is not None:
+            for path in sorted((self.directory / "shards").glob("*.safetensors")):
+                t = load_tensors(path)
+                chunks.append((t["scores/indices"], t["scores/values"]))
+        idx = torch.cat([i for i, _ in chunks])
+        vals = torch.cat([v for _, v in chunks], 1)
+        out = torch.full((vals.shape[0], int(self.meta.get("n_dataset", self.n_scanned))), float("nan"),
+                         dtype=vals.dtype)
         out[:, idx] = vals
         return out
-
-    def n_scanned_max(self) -> int:
-        return int(self.meta.get("n_dataset", self.n_scanned))
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -336,7 +340,7 @@ class ScanResult:
         for key in [k for k in t if k.startswith("tokens/")]:
             _, q, i = key.split("/")
             tokens[(int(q), int(i))] = t.pop(key)
-        return cls(_State.from_tensors(t), m["layer_names"], m["n_train"], m["n_scanned"], tokens, m["meta"])
+        return cls(_State.from_tensors(t), m["layer_names"], m["n_train"], m["n_scanned"], tokens, m["meta"], path)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -399,7 +403,9 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
         for s, shard in enumerate(shards):
             path = out / "shards" / f"{s:06d}.safetensors" if out is not None else None
             if s in done and path is not None and path.is_file():
-                state.merge(_State.from_tensors(load_tensors(path)))
+                finished = _State.from_tensors(load_tensors(path))
+                finished.scores = []
+                state.merge(finished)
                 continue
             shard_state = _scan_shard(model, task, layers, scorers, dataset, shard, allowed_mask, q, top_k, dtype,
                                       batch_size, keep_scores, progress, f"scan {s + 1}/{len(shards)}")
@@ -409,11 +415,13 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
                 done.add(s)
                 atomic_write_json(progress_file, {"config": config, "done": sorted(done),
                                                   "shards": len(shards)})
+                shard_state.scores = []  # full scores stay on disk, in the shard files
             state.merge(shard_state)
     result = ScanResult(state, [x.name for x in layers], curvature.n_train if n_train is None else int(n_train),
                         len(order), meta={"rank": store.rank, "modes": modes, "n_dataset": n,
-                                          "prefiltered": candidates is not None,
+                                          "prefiltered": candidates is not None, "keep_scores": keep_scores,
                                           "store": store.memory_report()})
+    result.directory = out
     if tokens:
         attribute_tokens(model, task, store, layers, dataset, result, batch_size=batch_size)
     if out is not None:

@@ -228,7 +228,7 @@ class CausalLM(Task):
         if isinstance(data, torch.Tensor):
             data = {"input_ids": data}
         if isinstance(data, dict):
-            return ListDataset(_dict_rows(data), lambda ex: self._example(ex, queries))
+            return ListDataset(_DictRows(data), lambda ex: self._example(ex, queries))
         if isinstance(data, (Dataset, list, tuple)):
             return ListDataset(data, lambda ex: self._example(ex, queries))
         raise TypeError(f"CausalLM: unsupported data of type {type(data).__name__}; pass a token-id tensor "
@@ -317,20 +317,26 @@ class CausalLM(Task):
         return "mlp" if hasattr(model, "config") else "all"
 
 
-def _dict_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Split a dict of row-aligned tensors/lists into a list of per-row dicts (scalars broadcast)."""
-    if "input_ids" not in data:
-        raise ValueError(f"CausalLM: dict data needs 'input_ids' (got keys {sorted(data)})")
-    ids = data["input_ids"]
-    n = len(ids)
-    rows: list[dict[str, Any]] = [{} for _ in range(n)]
-    for key, value in data.items():
-        if isinstance(value, int) or (isinstance(value, torch.Tensor) and value.ndim == 0):
-            for r in rows:
-                r[key] = int(value)
-            continue
-        if len(value) != n:
-            raise ValueError(f"CausalLM: '{key}' has {len(value)} rows but 'input_ids' has {n}")
-        for r, v in zip(rows, value, strict=True):
-            r[key] = v
-    return rows
+class _DictRows:
+    """Row view of a dict of row-aligned tensors/lists (scalars broadcast); rows are built on access, so a
+    large corpus costs no per-row Python objects."""
+
+    def __init__(self, data: dict[str, Any]):
+        if "input_ids" not in data:
+            raise ValueError(f"CausalLM: dict data needs 'input_ids' (got keys {sorted(data)})")
+        self.n = len(data["input_ids"])
+        self.scalars: dict[str, int] = {}
+        self.columns: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, int) or (isinstance(value, torch.Tensor) and value.ndim == 0):
+                self.scalars[key] = int(value)
+            elif len(value) != self.n:
+                raise ValueError(f"CausalLM: '{key}' has {len(value)} rows but 'input_ids' has {self.n}")
+            else:
+                self.columns[key] = value
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.scalars, **{k: v[i] for k, v in self.columns.items()}}
