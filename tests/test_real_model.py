@@ -45,3 +45,29 @@ def test_smollm2_kjv_end_to_end(smollm2) -> None:
 
     self_inf = inf.self_scores(model, task, curv, train, batch_size=8, progress=False)
     assert self_inf.shape == (16,) and bool((self_inf > 0).all())
+
+
+def test_smollm2_scan_rank_curve_and_token_sums(smollm2) -> None:
+    model, tok = smollm2
+    verses = [v["text"] for v in kjv_verses(16, start=200)]
+    train = tokenize_texts(tok, verses)
+    prompts, completions = split_verse_queries(verses)
+    queries = tokenize_queries(tok, prompts, completions)
+    task = inf.CausalLM(pad_token_id=tok.pad_token_id)
+    curv = inf.fit_curvature(model, task, train, layers=LAYERS, batch_size=8, progress=False)
+    exact = inf.pairwise_scores(model, task, curv, queries, train, batch_size=8, progress=False).total
+    precond = inf.preconditioned_queries(model, task, curv, queries)
+    curve = {}
+    for k in (1, 4, 32):
+        store = inf.QueryStore.from_preconditioned(precond, k)
+        r = inf.scan(model, task, curv, queries, train, store=store, top_k=3, batch_size=8, keep_scores=True,
+                     tokens=(k == 32), progress=False)
+        curve[k] = float(torch.corrcoef(torch.stack([r.scores.flatten(), exact.flatten()]))[0, 1])
+    print("\nSmolLM2-135M (MLP of blocks 0-3): Pearson(rank-k scan, exact) by k:",
+          ", ".join(f"{k}: {v:.4f}" for k, v in curve.items()))
+    assert curve[32] >= 0.99
+    assert curve[1] <= curve[4] + 1e-6 <= curve[32] + 2e-6
+    for q in range(16):
+        for h in r.top(q):
+            assert sum(h.layers.values()) == pytest.approx(h.score, rel=1e-5)
+            assert float(h.tokens.sum()) == pytest.approx(h.score, rel=1e-5, abs=1e-3)

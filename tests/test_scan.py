@@ -140,6 +140,11 @@ def test_candidates_restrict_pairs(lm) -> None:
         assert [h.index for h in result.top(q)] == torch.topk(masked, 3).indices.tolist()
         assert result.stats(q)["count"] == len(cands[q])
     assert result.meta["prefiltered"]
+    unfiltered = inf.scan(model, task, curv, queries, train, rank=None, top_k=3, tokens=False, progress=False)
+    shares = result.overlap(unfiltered)
+    for q in range(6):
+        expected = len({h.index for h in result.top(q)} & {h.index for h in unfiltered.top(q)}) / 3
+        assert shares[q] == pytest.approx(expected)
     with pytest.raises(ValueError, match="outside"):
         inf.scan(model, task, curv, queries, train, candidates=[torch.tensor([99])] * 6, progress=False)
 

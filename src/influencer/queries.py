@@ -124,9 +124,16 @@ class QueryStore:
     def build(cls, model: nn.Module, task: Task, curvature: Curvature, queries: Any, *, rank: int | None = 32,
               batch_size: int = 16, progress: bool = False) -> QueryStore:
         """Measurement gradients → preconditioned → rank ``rank`` (None: keep every layer exact)."""
+        precond = preconditioned_queries(model, task, curvature, queries, batch_size=batch_size, progress=progress)
+        return cls.from_preconditioned(precond, rank, meta={"strategy": curvature.strategy,
+                                                            "fingerprint": curvature.fingerprint.get("digest")})
+
+    @classmethod
+    def from_preconditioned(cls, precond: dict[str, torch.Tensor], rank: int | None = 32,
+                            meta: dict[str, Any] | None = None) -> QueryStore:
+        """Compress exact P_l (name → [Q, d_out, w], from :func:`preconditioned_queries`) to rank ``rank``."""
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be ≥ 1 or None, got {rank}")
-        precond = preconditioned_queries(model, task, curvature, queries, batch_size=batch_size, progress=progress)
         layers = {}
         for name, p in precond.items():
             d_out, w = p.shape[-2:]
@@ -136,8 +143,7 @@ class QueryStore:
                 left, right = truncated_svd(p, rank)
                 layers[name] = LayerQueries(name, left=left, right=right)
         n = next(iter(precond.values())).shape[0]
-        return cls(layers=layers, rank=rank, n_queries=n,
-                   meta={"strategy": curvature.strategy, "fingerprint": curvature.fingerprint.get("digest")})
+        return cls(layers=layers, rank=rank, n_queries=n, meta=meta or {})
 
     def nbytes(self) -> int:
         """Memory of the store in bytes."""

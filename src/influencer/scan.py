@@ -295,6 +295,16 @@ class ScanResult:
                             None if lt is None else lt.sum(0), lt))
         return hits
 
+    def overlap(self, unfiltered: ScanResult, k: int | None = None) -> list[float]:
+        """Per query, the share of ``unfiltered``'s top-k that this (prefiltered) scan also found.
+
+        The paper warns that a prefilter biases results; report this whenever both runs exist.
+        """
+        from influencer.prefilter import overlap
+
+        return [overlap([h.index for h in self.top(q, k)], [h.index for h in unfiltered.top(q, k)])
+                for q in range(self.n_queries)]
+
     def stats(self, query: int) -> dict[str, float]:
         """Running totals for one query: count, mean, std, sum and sum of positive influence."""
         n = float(self.state.count[query])
