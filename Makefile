@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m influencer.demo
+	OMP_NUM_THREADS=2 $(PY) -m influencer.demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -16,6 +16,8 @@ import influencer as inf
 from influencer.data import kjv_verses, tokenize_queries, tokenize_texts
 from influencer.models import load_model
 
+DEFAULT_LAYERS = r"model\.layers\.[0-5]\.mlp\."
+
 #: famous verses added to the fitting set (by citation) so that the queries below have a source to find
 FAMOUS = ("John 3:16", "Psalms 23:1", "Ecclesiastes 1:9")
 
@@ -40,7 +42,9 @@ def _corpus(n: int) -> list[dict[str, str]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verses", type=int, default=96, help="first N verses of Genesis (+ a few famous ones)")
-    parser.add_argument("--layers", default="mlp", help="layer preset or regex (default: mlp of every block)")
+    parser.add_argument("--layers", default=DEFAULT_LAYERS,
+                        help="layer preset or regex (default: the MLPs of blocks 0-5; 'mlp' for all 30 blocks)")
+    parser.add_argument("--rank", type=int, default=32, help="rank of the stored queries")
     parser.add_argument("--strategy", default="ekfac", choices=inf.STRATEGIES)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--top", type=int, default=3)
@@ -67,21 +71,38 @@ def main(argv: list[str] | None = None) -> None:
     prompts, completions, _sources = zip(*QUERIES, strict=True)
     queries = tokenize_queries(tok, list(prompts), list(completions))
     t2 = time.perf_counter()
-    scores = inf.pairwise_scores(model, task, curv, queries, train, batch_size=args.batch_size)
-    print(f"scored {len(prompts)} queries × {len(texts)} verses in {time.perf_counter() - t2:.1f}s\n")
+    result = inf.scan(model, task, curv, queries, train, rank=args.rank, top_k=max(args.top, 10),
+                      batch_size=args.batch_size, keep_scores=True)
+    print(f"scanned {len(prompts)} queries × {len(texts)} verses in {time.perf_counter() - t2:.1f}s "
+          f"({result.meta['store']})\n")
 
     citations = [v["citation"] for v in verses]
+    scores = result.scores
+    assert scores is not None
     for q, (prompt, completion, source) in enumerate(QUERIES):
         print(f"Query {q + 1}: {prompt!r} → {completion!r}")
-        for rank, (i, score) in enumerate(scores.top(q, args.top), 1):
-            print(f"  {rank}. {citations[i]:<18} I = {score:10.2f}  per copy = {score / scores.n_train:+.4f} nats  "
-                  f"{texts[i][:70]!r}")
+        for rank, hit in enumerate(result.top(q, args.top), 1):
+            print(f"  {rank}. {citations[hit.index]:<18} I = {hit.score:11.2f}  per copy = {hit.per_copy:+.3g} nats")
+            print(f"     {_highlight(tok, train['input_ids'][hit.index], hit.tokens)}")
         if source is not None:
             i = citations.index(source)
-            rank = int((scores.total[q] > scores.total[q, i]).sum()) + 1
+            rank = int((scores[q] > scores[q, i]).sum()) + 1
             print(f"  source verse {source} ranks #{rank} of {len(texts)}")
         print()
+    print("Per copy = I / N: the predicted change of log p(completion) from adding one copy of the verse to an")
+    print(f"N = {curv.n_train}-sequence training set (pass n_train= for the model's real training-set size).")
+    print("[brackets] mark the 3 tokens with the largest tokenwise influence (the token before a predicted one).")
     print(f"total {time.perf_counter() - t0:.1f}s")
+
+
+def _highlight(tok: object, ids: torch.Tensor, tokens: torch.Tensor | None, n: int = 3, width: int = 110) -> str:
+    """The verse text with its n most influential tokens in [brackets]."""
+    if tokens is None:
+        return ""
+    top = set(torch.topk(tokens, min(n, len(tokens))).indices.tolist())
+    pieces = [tok.decode([int(t)]) for t in ids[: len(tokens)]]  # type: ignore[attr-defined]
+    text = "".join(f"[{p}]" if i in top else p for i, p in enumerate(pieces))
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 if __name__ == "__main__":
