@@ -162,6 +162,9 @@ def test_save_load_and_resume_skip(lm, tmp_path: Path) -> None:
     again = inf.scan(model, task, curv, queries, train, rank=4, top_k=3, out_dir=out, shard_size=10, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == stamps
     assert torch.equal(again.state.top.values, first.state.top.values)
+    other_queries = {**queries, "prompt_length": torch.tensor([3, 3, 4, 2, 5, 3])}
+    with pytest.raises(ValueError, match="other queries"):
+        inf.scan(model, task, curv, other_queries, train, rank=4, top_k=3, out_dir=out, shard_size=10, progress=False)
     with pytest.raises(ValueError, match="different settings"):
         inf.scan(model, task, curv, queries, train, rank=4, top_k=5, out_dir=out, shard_size=10, progress=False)
 

@@ -381,10 +381,14 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
     dataset = task.as_dataset(train)
     n = len(dataset)  # type: ignore[arg-type]
     out = Path(out_dir) if out_dir is not None else None
+    query_digest = _digest(task, queries)
     if store is None and out is not None and (out / "queries.json").is_file():
         store = QueryStore.load(out)
+        if store.meta.get("queries") != query_digest:
+            raise ValueError(f"'{out}' holds a scan of other queries; use another out_dir or delete it")
     if store is None:
         store = QueryStore.build(model, task, curvature, queries, rank=rank, progress=progress)
+        store.meta["queries"] = query_digest
         if out is not None:
             store.save(out)
     q = store.n_queries
@@ -395,7 +399,8 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
                  / max(1, curvature.n_fit))
     modes = _choose_modes(layers, store, t_mean, dense_budget, contraction)
     scorers = [_LayerScorer(x, store.layers[x.name], modes[x.name], dtype, device) for x in layers]
-    config = {"n": n, "queries": q, "rank": store.rank, "top_k": top_k, "shard_size": shard_size,
+    config = {"n": n, "queries": q, "query_digest": query_digest, "rank": store.rank, "top_k": top_k,
+              "shard_size": shard_size,
               "keep_scores": keep_scores, "layers": [x.name for x in layers],
               "curvature": curvature.fingerprint.get("digest"), "strategy": curvature.strategy,
               "damping": [f.damping for f in curvature.layers.values()],
@@ -437,6 +442,18 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
     if out is not None:
         result.save(out)
     return result
+
+
+def _digest(task: Task, data: Any) -> str:
+    """sha256 of every tensor of every example (identifies a query set or a training set)."""
+    h = hashlib.sha256()
+    dataset = task.as_dataset(data, queries=True)
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        ex = dataset[i]
+        parts = ex.values() if isinstance(ex, dict) else ex
+        for t in parts:
+            h.update(torch.as_tensor(t).detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _candidates(candidates: Sequence[torch.Tensor] | torch.Tensor | None, q: int,
