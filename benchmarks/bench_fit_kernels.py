@@ -108,6 +108,24 @@ def lam_engine(acc: torch.Tensor, g: torch.Tensor, a: torch.Tensor, qs: torch.Te
         acc_t.addcmul_(x, x)
 
 
+def lam_per_example_tiled(tile_bytes: int) -> Callable[..., None]:
+    """Per sequence, in column tiles of the [w, d_out] product small enough to stay in L2 while squared."""
+
+    def run(acc: torch.Tensor, g: torch.Tensor, a: torch.Tensor, qs: torch.Tensor, qa: torch.Tensor) -> None:
+        gt, at = rotate(g, a, qs, qa)
+        acc_t = acc.T  # [w, d_out] like the engine
+        w, d = acc_t.shape
+        cols = max(1, min(d, tile_bytes // (4 * w)))
+        bufs = [torch.empty(w, min(cols, d - c0)) for c0 in range(0, d, cols)]
+        for n in range(len(gt)):
+            an = at[n].T
+            for buf, c0 in zip(bufs, range(0, d, cols), strict=True):
+                torch.mm(an, gt[n, :, c0 : c0 + buf.shape[1]], out=buf)
+                acc_t[:, c0 : c0 + buf.shape[1]].addcmul_(buf, buf)
+
+    return run
+
+
 def lam_per_example(acc: torch.Tensor, g: torch.Tensor, a: torch.Tensor, qs: torch.Tensor, qa: torch.Tensor) -> None:
     gt, at = rotate(g, a, qs, qa)
     buf = torch.empty(acc.shape, dtype=acc.dtype)
@@ -172,6 +190,8 @@ def main() -> None:
                 ("tiled over d_out, 1 MB tiles", lam_tiled(1 << 20)),
                 ("per sequence ãᵀg̃ + addcmul_ (engine now)", lam_engine),
                 ("per sequence mm(out=buf) + addcmul_", lam_per_example),
+                ("per sequence, ≤ 512 KB column tiles", lam_per_example_tiled(512 << 10)),
+                ("per sequence, ≤ 1 MB column tiles", lam_per_example_tiled(1 << 20)),
             ):
                 acc = torch.zeros(d_out, w)
                 ms = 1e3 * best(lambda fn=fn, acc=acc, args=(g, a, qs, qa): fn(acc, *args), args.repeats)
