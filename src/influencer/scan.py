@@ -32,6 +32,8 @@ BANDS = ("lower", "middle", "upper")
 SPURIOUS_RATIO = 2 / 3
 #: extra memory the scan may spend on dense copies of rank-k queries to use the cheaper contraction order
 DEFAULT_DENSE_BUDGET = 1 << 30
+#: working memory for a chunk of materialized per-sequence gradients
+_MATERIALIZE_CHUNK_BYTES = 256 << 20
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -88,9 +90,13 @@ class _LayerScorer:
         if self.mode == "tokens":
             return self.token_scores(a, g).sum(-1)
         assert self.p_flat is not None
-        out = torch.empty(self.q, a.shape[0], dtype=a.dtype, device=a.device)
-        for i in range(a.shape[0]):
-            out[:, i] = self.p_flat @ (a[i].T @ g[i]).reshape(-1)
+        b = a.shape[0]
+        out = torch.empty(self.q, b, dtype=a.dtype, device=a.device)
+        # per-sequence gradients Ĝ_b = ā_bᵀ g_b for a chunk of sequences at once, then one GEMM against all queries
+        chunk = max(1, _MATERIALIZE_CHUNK_BYTES // (self.p_flat.shape[1] * a.element_size()))
+        for i in range(0, b, chunk):
+            grads = torch.bmm(a[i:i + chunk].mT, g[i:i + chunk])  # [b', w, d_out]
+            out[:, i:i + chunk] = self.p_flat @ grads.reshape(grads.shape[0], -1).T
         return out
 
 
