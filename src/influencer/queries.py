@@ -14,10 +14,11 @@ from influencer.curvature.core import Curvature
 from influencer.curvature.linalg import per_example_grads
 from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.layers import Layer
-from influencer.passes import batches, compute_dtype, eval_mode, layer_io
+from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
 from influencer.tasks import Task
 
 
+@amp_aware
 def measurement_gradients(model: nn.Module, task: Task, layers: list[Layer], queries: Any, *,
                           batch_size: int = 16, progress: bool = False) -> dict[str, torch.Tensor]:
     """∇_θl f_q for every query and tracked layer: name → [Q, d_out, w] (compute dtype, model device)."""
@@ -34,6 +35,7 @@ def measurement_gradients(model: nn.Module, task: Task, layers: list[Layer], que
     return {name: torch.cat(p) for name, p in parts.items()}
 
 
+@amp_aware
 def preconditioned_queries(model: nn.Module, task: Task, curvature: Curvature, queries: Any, *,
                            batch_size: int = 16, progress: bool = False) -> dict[str, torch.Tensor]:
     """P_l = −(G_l + λ_l)⁻¹ ∇_l f_q: name → [Q, d_out, w]. ⟨P_l, ∇_l L(z)⟩ is the layer's influence on q."""
@@ -121,6 +123,7 @@ class QueryStore:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
+    @amp_aware
     def build(cls, model: nn.Module, task: Task, curvature: Curvature, queries: Any, *, rank: int | None = 32,
               batch_size: int = 16, progress: bool = False) -> QueryStore:
         """Measurement gradients → preconditioned → rank ``rank`` (None: keep every layer exact)."""

@@ -24,7 +24,7 @@ from torch import nn
 from influencer.curvature.core import Curvature
 from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.layers import Layer
-from influencer.passes import batches, compute_dtype, eval_mode, layer_io
+from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
 from influencer.queries import LayerQueries, QueryStore
 from influencer.tasks import Task
 
@@ -364,6 +364,7 @@ class ScanResult:
 # --------------------------------------------------------------------------------------------------------
 
 
+@amp_aware
 def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train: Any, *,
          store: QueryStore | None = None, rank: int | None = 32, top_k: int = 10, batch_size: int = 16,
          candidates: Sequence[torch.Tensor] | torch.Tensor | None = None, keep_scores: bool = False,
@@ -505,6 +506,7 @@ def _scan_shard(model: nn.Module, task: Task, layers: list[Layer], scorers: list
     return state
 
 
+@amp_aware
 def attribute_tokens(model: nn.Module, task: Task, store: QueryStore, layers: list[Layer], dataset: Any,
                      result: ScanResult, *, batch_size: int = 16) -> None:
     """Targeted second pass over the hits: per hit the layer × token matrix [L, T] (Σ = the hit's score).

@@ -29,13 +29,14 @@ from influencer.curvature.linalg import (
     split_sizes,
 )
 from influencer.layers import Layer, LayerSpec, select_layers
-from influencer.passes import batches, compute_dtype, eval_mode, layer_io
+from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
 from influencer.tasks import Task
 
 # label-sampling streams: each pass draws independent labels
 _STREAM_COVARIANCE, _STREAM_LAMBDA, _STREAM_DIAGONAL = 1, 2, 3
 
 
+@amp_aware
 def fit_curvature(
     model: nn.Module,
     task: Task,
