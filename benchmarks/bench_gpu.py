@@ -128,7 +128,7 @@ def run(args: argparse.Namespace, precision: str, model32: torch.nn.Module, trai
             curv = inf.fit_curvature(model, task, fit_set, layers=args.layers, batch_size=args.batch,
                                      progress=False)
         with stage("store", res, int(queries["input_ids"].numel())):
-            store = inf.QueryStore.build(model, task, curv, queries, rank=args.rank, batch_size=args.batch)
+            store = inf.QueryStore.build(model, task, curv, queries, rank=args.rank, batch_size=16)
         with stage("scan", res, scan_tokens):
             result = inf.scan(model, task, curv, queries, scan_set, store=store, rank=args.rank, top_k=10,
                               batch_size=args.batch, tokens=False, progress=False)

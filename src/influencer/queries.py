@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
+from tqdm.auto import tqdm
 
 from influencer.curvature.core import Curvature
 from influencer.curvature.linalg import per_example_grads
@@ -42,6 +44,20 @@ def preconditioned_queries(model: nn.Module, task: Task, curvature: Curvature, q
     layers = curvature.bind(model)
     grads = measurement_gradients(model, task, layers, queries, batch_size=batch_size, progress=progress)
     return {name: -curvature.precondition(name, v) for name, v in grads.items()}
+
+
+def _slice_rows(data: Any, lo: int, hi: int) -> Any:
+    """Rows lo..hi-1 of user query data (a tensor, a dict of per-row tensors/lists, a tuple (X, Y), a list or a
+    Dataset), in the same form."""
+    if isinstance(data, torch.Tensor | list):
+        return data[lo:hi]
+    if isinstance(data, dict):
+        return {k: v[lo:hi] if isinstance(v, torch.Tensor | list) else v for k, v in data.items()}
+    if isinstance(data, tuple):
+        return tuple(_slice_rows(x, lo, hi) for x in data)
+    if isinstance(data, Dataset):
+        return Subset(data, range(lo, hi))
+    raise TypeError(f"cannot split queries of type {type(data).__name__} into chunks")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -126,10 +142,40 @@ class QueryStore:
     @amp_aware
     def build(cls, model: nn.Module, task: Task, curvature: Curvature, queries: Any, *, rank: int | None = 32,
               batch_size: int = 16, progress: bool = False) -> QueryStore:
-        """Measurement gradients → preconditioned → rank ``rank`` (None: keep every layer exact)."""
-        precond = preconditioned_queries(model, task, curvature, queries, batch_size=batch_size, progress=progress)
-        return cls.from_preconditioned(precond, rank, meta={"strategy": curvature.strategy,
-                                                            "fingerprint": curvature.fingerprint.get("digest")})
+        """Measurement gradients → preconditioned → rank ``rank`` (None: keep every layer exact).
+
+        Queries are processed ``batch_size`` at a time and compressed before the next chunk, so the dense
+        [Q, d_out, w] gradients of all queries never coexist (peak memory ∝ batch_size, not Q).
+        """
+        n = len(task.as_dataset(queries, queries=True))  # type: ignore[arg-type]
+        if n == 0:
+            raise ValueError("no queries given")
+        parts = []
+        with tqdm(total=n, desc="query store", unit="query", disable=not progress, leave=False) as bar:
+            for lo in range(0, n, batch_size):
+                chunk = _slice_rows(queries, lo, min(lo + batch_size, n)) if batch_size < n else queries
+                precond = preconditioned_queries(model, task, curvature, chunk, batch_size=batch_size)
+                parts.append(cls.from_preconditioned(precond, rank))
+                bar.update(min(batch_size, n - lo))
+        return cls.concat(parts, meta={"strategy": curvature.strategy,
+                                       "fingerprint": curvature.fingerprint.get("digest")})
+
+    @classmethod
+    def concat(cls, parts: list[QueryStore], meta: dict[str, Any] | None = None) -> QueryStore:
+        """Stores of disjoint query sets (same layers and rank) → one store, queries in order."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+
+        def cat(name: str, attr: str) -> torch.Tensor | None:
+            ts = [getattr(p.layers[name], attr) for p in parts]
+            return None if ts[0] is None else torch.cat(ts)
+
+        first = parts[0]
+        if any(p.rank != first.rank or list(p.layers) != list(first.layers) for p in parts):
+            raise ValueError("query stores differ in rank or layers")
+        layers = {n: LayerQueries(n, cat(n, "dense"), cat(n, "left"), cat(n, "right")) for n in first.layers}
+        return cls(layers=layers, rank=first.rank, n_queries=sum(p.n_queries for p in parts),
+                   meta=dict(first.meta) if meta is None else meta)
 
     @classmethod
     def from_preconditioned(cls, precond: dict[str, torch.Tensor], rank: int | None = 32,

@@ -500,8 +500,9 @@ def _scan_shard(model: nn.Module, task: Task, layers: list[Layer], scorers: list
     for local, batch in batches(subset, task, batch_size, desc=desc, progress=progress):
         idx = shard[local]
         io = layer_io(model, task, layers, batch, idx, loss="train")
-        per_layer = torch.stack([s.scores(io[s.layer.name].a.to(dtype), io[s.layer.name].g.to(dtype)).cpu()
-                                 for s in scorers])
+        # one device → host copy per batch (a sync per layer would stall a GPU)
+        per_layer = torch.stack([s.scores(io[s.layer.name].a.to(dtype), io[s.layer.name].g.to(dtype))
+                                 for s in scorers]).cpu()
         state.update(idx, per_layer, None if allowed is None else allowed[:, idx], keep_scores)
     return state
 
@@ -537,8 +538,8 @@ def attribute_tokens(model: nn.Module, task: Task, store: QueryStore, layers: li
             for s in scorers:
                 x = io[s.layer.name]
                 ts = s.token_scores(x.a.to(dtype), x.g.to(dtype))  # [Q, B, uses·T]
-                per.append(ts.view(ts.shape[0], ts.shape[1], x.uses, -1).sum(2).cpu())
-            per_layer = torch.stack(per, 1)  # [Q, L, B, T]
+                per.append(ts.view(ts.shape[0], ts.shape[1], x.uses, -1).sum(2))
+            per_layer = torch.stack(per, 1).cpu()  # [Q, L, B, T]
             for j, i in enumerate(idx.tolist()):
                 length = int(mask[j].sum()) if mask is not None else per_layer.shape[-1]
                 for qi in wanted[i]:
