@@ -347,19 +347,20 @@ def ks_xmin(descending: np.ndarray, min_tail: int = 10, max_tail: int = 2000) ->
         alpha = 1.0 + m / (np.cumsum(logs) - m * logs)
     best, best_d = None, np.inf
     cols = np.arange(top)
-    for start in range(min_tail - 1, top, 256):
-        rows = np.arange(start, min(top, start + 256))
-        a = alpha[rows, None]
-        ratio = logs[None, :] - logs[rows, None]  # ln(x_i / x_min) ≥ 0 on the tail
-        model = -np.expm1((1.0 - a) * ratio)  # theoretical CDF at x_i
-        rank = (rows[:, None] - cols[None, :] + 1).astype(np.float64)  # ascending rank of x_i in the tail
-        size = m[rows, None]
-        d = np.maximum(np.abs(rank / size - model), np.abs((rank - 1.0) / size - model))
-        d = np.where(cols[None, :] <= rows[:, None], d, 0.0).max(1)
-        d[~np.isfinite(alpha[rows])] = np.inf
-        j = int(np.argmin(d))
-        if d[j] < best_d:
-            best, best_d = float(s[rows[j]]), float(d[j])
+    with np.errstate(all="ignore"):  # constant tails give α̂ = inf / nan; they get D = inf below
+        for start in range(min_tail - 1, top, 256):
+            rows = np.arange(start, min(top, start + 256))
+            a = alpha[rows, None]
+            ratio = logs[None, :] - logs[rows, None]  # ln(x_i / x_min) ≥ 0 on the tail
+            model = -np.expm1((1.0 - a) * ratio)  # theoretical CDF at x_i
+            rank = (rows[:, None] - cols[None, :] + 1).astype(np.float64)  # ascending rank of x_i in the tail
+            size = m[rows, None]
+            d = np.maximum(np.abs(rank / size - model), np.abs((rank - 1.0) / size - model))
+            d = np.where(cols[None, :] <= rows[:, None], d, 0.0).max(1)
+            d[~np.isfinite(alpha[rows])] = np.inf
+            j = int(np.argmin(d))
+            if d[j] < best_d:
+                best, best_d = float(s[rows[j]]), float(d[j])
     return best
 
 
