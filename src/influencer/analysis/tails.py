@@ -357,7 +357,7 @@ def ks_xmin(descending: np.ndarray, min_tail: int = 10, max_tail: int = 2000) ->
             size = m[rows, None]
             d = np.maximum(np.abs(rank / size - model), np.abs((rank - 1.0) / size - model))
             d = np.where(cols[None, :] <= rows[:, None], d, 0.0).max(1)
-            d[~np.isfinite(alpha[rows])] = np.inf
+            d[~np.isfinite(alpha[rows]) | np.isnan(d)] = np.inf
             j = int(np.argmin(d))
             if d[j] < best_d:
                 best, best_d = float(s[rows[j]]), float(d[j])
