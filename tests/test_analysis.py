@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("powerlaw")
 pytest.importorskip("matplotlib")
 
-from influencer.analysis import (  # noqa: E402
+from influencer.analysis import (
     PowerLawFit,
     TailStats,
     ks_xmin,
@@ -27,7 +27,7 @@ from influencer.analysis import (  # noqa: E402
     tail_stats_from_totals,
     top_count,
 )
-from influencer.scan import Hit  # noqa: E402
+from influencer.scan import Hit
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
