@@ -218,6 +218,36 @@ def test_query_tail_stats_from_a_scan(scans) -> None:
     assert c.max_score == pytest.approx(plain.top(0, 1)[0].score)
 
 
+class _Tokenizer:
+    """Stands in for the README's Hugging Face tokenizer: decode(ids) → text."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(VOCAB[i] for i in ids)
+
+
+def test_readme_report_example_runs(tmp_path, monkeypatch) -> None:
+    """The README's report block runs as written on a one-query tiny scan (names from the scan example)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(.*?)```", text.split("## Report and analysis", 1)[1], re.S)
+    assert block is not None, "README lost its report example"
+    model = zoo.tiny_llama(hidden=16, intermediate=32, layers=2)
+    task = inf.CausalLM()
+    ids = zoo.token_data(N_TRAIN, t=T)
+    mask = torch.ones_like(ids)
+    mask[::3, -2:] = 0  # right padding on some rows
+    train = {"input_ids": ids, "attention_mask": mask}
+    curv = inf.fit_curvature(model, task, train, progress=False)
+    query = {"input_ids": zoo.token_data(1, t=8, seed=3), "prompt_length": torch.tensor([3])}
+    result = inf.scan(model, task, curv, query, train, rank=8, top_k=10, batch_size=20, progress=False)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"result": result, "train": train, "tok": _Tokenizer()}
+    exec(compile(block.group(1), "README report example", "exec"), namespace)
+    html = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    assert namespace["page"] == Path("run/report.html") and "SmolLM2-135M" in html
+    assert "token strings but" not in html  # the README's train_tokens aligns with hit.tokens (padding dropped)
+    assert namespace["tail"].source == "totals"
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
