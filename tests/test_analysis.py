@@ -264,3 +264,13 @@ def test_figures(tmp_path) -> None:
     assert lo == pytest.approx(-0.6) and hi == pytest.approx(0.6)  # centred at 0
     with pytest.raises(ValueError, match="tokens=False"):
         plot_layer_tokens(Hit(0, 1, 1.0, 0.1, {}), names)
+
+
+def test_tail_plot_thins_large_inputs() -> None:
+    x = np.concatenate([pareto(2.0, 50_000, seed=8), -pareto(3.0, 20_000, seed=9)])
+    fig = plot_tail(x)
+    lines = fig.axes[0].get_lines()
+    neg, pos = lines[0].get_xdata(), lines[1].get_xdata()
+    assert 1000 < len(pos) <= 3000 and pos[0] == 1 and pos[-1] == 50_000 and len(neg) <= 3000
+    ys = lines[1].get_ydata()
+    assert np.all(np.diff(ys) <= 0) and ys[0] == x.max()

@@ -69,7 +69,8 @@ def plot_tail(scores: Any, fit: PowerLawFit | None = None, *, title: str | None 
               save: str | os.PathLike | None = None, dpi: int = 100) -> Figure:
     """Rank–size plot on log-log axes: the positive scores [N] sorted largest first against their rank, the
     magnitudes of the negative scores in grey, and the fitted power law x(k) = xmin (k / n_tail)^(−1/(α−1)) over
-    the tail (ranks 1 … n_tail) with xmin marked. NaN scores are dropped."""
+    the tail (ranks 1 … n_tail) with xmin marked. NaN scores are dropped; beyond 3000 points the ranks are
+    thinned log-uniformly."""
     x = _numpy(scores).ravel()
     x = x[~np.isnan(x)]
     pos = np.sort(x[x > 0])[::-1]
@@ -77,9 +78,11 @@ def plot_tail(scores: Any, fit: PowerLawFit | None = None, *, title: str | None 
     fig = _figure(5.2, 3.6)
     ax = fig.add_subplot()
     if neg.size:
-        ax.loglog(np.arange(1, neg.size + 1), neg, ".", ms=2.5, color="0.65", label="−I (negative scores)")
+        r = _log_ranks(neg.size)
+        ax.loglog(r, neg[r - 1], ".", ms=2.5, color="0.65", label="−I (negative scores)")
     if pos.size:
-        ax.loglog(np.arange(1, pos.size + 1), pos, ".", ms=3, color=POSITIVE, label="I > 0")
+        r = _log_ranks(pos.size)
+        ax.loglog(r, pos[r - 1], ".", ms=3, color=POSITIVE, label="I > 0")
     if fit is not None:
         ranks = np.geomspace(1, fit.n_tail, 64)
         ax.loglog(ranks, fit.rank_curve(ranks), "-", color="k", lw=1.2,
@@ -94,6 +97,13 @@ def plot_tail(scores: Any, fit: PowerLawFit | None = None, *, title: str | None 
         ax.legend(fontsize=7, frameon=False)
     ax.grid(True, which="major", lw=0.3, alpha=0.5)
     return _finish(fig, save, dpi)
+
+
+def _log_ranks(n: int, points: int = 3000) -> np.ndarray:
+    """Ranks 1 … n, thinned to about ``points`` log-spaced ones when n is larger (what a log axis can show)."""
+    if n <= points:
+        return np.arange(1, n + 1)
+    return np.unique(np.geomspace(1, n, points).round().astype(np.int64))
 
 
 def _short(names: Sequence[str], limit: int = 28) -> list[str]:
