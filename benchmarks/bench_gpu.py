@@ -60,6 +60,36 @@ def stage(name: str, results: dict[str, dict[str, float]], tokens: int) -> Itera
     log(f"  {name}: {dt:.2f} s, {tokens / dt:,.0f} tokens/s, peak {peak:.2f} GiB")
 
 
+@contextlib.contextmanager
+def fit_breakdown() -> Iterator[dict[str, float]]:
+    """Seconds in the covariance pass, the eigendecompositions and the Λ pass of one fit (CUDA-synchronised)."""
+    from influencer.curvature import fit as fit_mod
+
+    parts = {"covariance pass": 0.0, "eigendecompositions": 0.0, "Λ pass": 0.0}
+
+    def timed(fn: Callable[..., Any], key: str, minus: str | None = None) -> Callable[..., Any]:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            before = parts["eigendecompositions"]
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            parts[key] += time.perf_counter() - t0 - (parts["eigendecompositions"] - before if minus else 0.0)
+            return out
+        return wrapper
+
+    saved = (fit_mod.eigh_blocks, fit_mod._Run.covariance, fit_mod._Run.ekfac_eigenvalues)
+    fit_mod.eigh_blocks = timed(saved[0], "eigendecompositions")
+    fit_mod._Run.covariance = timed(saved[1], "covariance pass", minus="eigendecompositions")
+    fit_mod._Run.ekfac_eigenvalues = timed(saved[2], "Λ pass")
+    try:
+        yield parts
+    finally:
+        fit_mod.eigh_blocks, fit_mod._Run.covariance, fit_mod._Run.ekfac_eigenvalues = saved
+
+
 def load(random_init: bool, n_verses: int, max_len: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Any]:
     if random_init:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -124,9 +154,11 @@ def run(args: argparse.Namespace, precision: str, model32: torch.nn.Module, trai
         floor_pass(model, task, subset(fit_set, 2 * args.batch), args.batch, amp)  # warm-up
         with stage("floor", res, fit_tokens):
             floor_pass(model, task, fit_set, args.batch, amp)
-        with stage("fit", res, fit_tokens):
+        with stage("fit", res, fit_tokens), fit_breakdown() as parts:
             curv = inf.fit_curvature(model, task, fit_set, layers=args.layers, batch_size=args.batch,
                                      progress=False)
+        res["fit"]["parts"] = parts  # type: ignore[assignment]
+        log("  fit parts: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
         with stage("store", res, int(queries["input_ids"].numel())):
             store = inf.QueryStore.build(model, task, curv, queries, rank=args.rank, batch_size=16)
         with stage("scan", res, scan_tokens):
@@ -164,6 +196,9 @@ def markdown(args: argparse.Namespace, runs: list[dict[str, Any]], env: dict[str
         floor = r["stages"]["floor"]["s"]
         ratio = ", ".join(f"{k} {v['s'] / floor:.2f}×" for k, v in r["stages"].items() if k != "floor")
         lines.append(f"- {r['precision']}: ÷ floor: {ratio}; scan modes: {', '.join(r['modes'])}")
+        parts = r["stages"]["fit"].get("parts", {})
+        if parts:
+            lines.append("  - fit: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
         if "source_ranks" in r:
             ranks = r["source_ranks"]
             found = [x for x in ranks if x is not None]
