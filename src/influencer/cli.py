@@ -264,7 +264,7 @@ class _RichBar:
 class _Bars:
     """A progress-bar factory for :func:`influencer.progress.use_bars`: rich bars with ETA on stderr."""
 
-    def __init__(self, timer: _Timer, show: bool):
+    def __init__(self, timer: _Timer, show: bool, console: Console | None = None):
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -279,7 +279,8 @@ class _Bars:
         self.progress: Progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=Console(stderr=True), disable=not show, transient=True)
+            console=console or Console(stderr=True), disable=not show, transient=True,
+            redirect_stdout=sys.stdout.isatty(), redirect_stderr=False)  # keep piped stdout out of the bars
 
     def __call__(self, desc: str, total: int | None, unit: str) -> _RichBar:
         return _RichBar(self, desc, total, unit)
@@ -781,14 +782,14 @@ def scan(
     console = _console()
     timer = _Timer()
     record = read_run(run)
-    if (run / SCAN).exists() and not overwrite:
-        raise UserError(f"{run / SCAN} already holds a scan; pass --overwrite to replace it")
     query_list = _queries_from_options(queries, prompt, completion)
     device = _resolve_device(device)
     model_source = _model_source(model) if model is not None else record["model"]["source"]
     settings = _scan_data_settings(record["data"], data, format=fmt, field=field_name, text_unit=text_unit,
                                    split=split, sequences=sequences, max_length=max_length, packing=packing,
                                    truncation=truncation, bos=bos, eos=eos)
+    if (run / SCAN).exists() and not overwrite:
+        raise UserError(f"{run / SCAN} already holds a scan; pass --overwrite to replace it")
     batch_size = batch_size or record["fit"].get("batch_size", 8)
     with _live(timer):
         net, tok = _load_model(timer, model_source, dtype or record["model"].get("dtype", "float32"), device)
@@ -992,7 +993,8 @@ def demo(
             "--batch-size", str(batch_size), "--top", str(top), "--out", str(out)]
     if threads:
         argv += ["--threads", str(threads)]
-    demo_module.main(argv)
+    with _live(_Timer()):
+        demo_module.main(argv)
 
 
 # ------------------------------------------------------------------------------------------------- validate
