@@ -279,6 +279,27 @@ def test_report_without_the_module_or_scan(ws, tmp_path, monkeypatch):
     assert "has no finished scan" in error_line(invoke("report", run))
 
 
+def test_interrupted_scan_resumes(ws, tmp_path, monkeypatch):
+    import influencer.runs
+
+    run = tmp_path / "run"
+    _copy(ws.run, run)
+
+    def interrupted(run_dir):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(influencer.runs, "publish_scan", interrupted)
+        result = invoke("scan", run, "--queries", ws.queries, "--shard-size", "10", "--no-tokens")
+    assert result.exit_code == 130 and "error: interrupted" in result.output
+    assert (run / "scan.partial" / "scan.json").is_file() and not (run / "scan").exists()
+    line = error_line(invoke("scan", run, "-p", "Other", "-c", " query", "--shard-size", "10", "--no-tokens"))
+    assert "unfinished scan of other queries" in line and "--overwrite" in line
+    out = ok(invoke("scan", run, "--queries", ws.queries, "--shard-size", "10", "--no-tokens"))
+    assert "resuming the unfinished scan" in out
+    assert (run / "scan" / "result.json").is_file() and not (run / "scan.partial").exists()
+
+
 # --------------------------------------------------------------------------------------------- error paths
 
 
@@ -339,6 +360,9 @@ def test_errors_over_length_with_truncation_error(ws, tmp_path):
     before = snapshot(ws.run)
     line = error_line(invoke("scan", ws.run, "--queries", ws.queries, "--query-max-length", "4"))
     assert "more than max length 4" in line
+    long_prompt = " ".join(v["text"] for v in kjv_verses(12))  # longer than the model's 256 positions
+    line = error_line(invoke("scan", ws.run, "-p", long_prompt, "-c", " Amen."))
+    assert "the model reads at most 256 positions" in line and "--query-max-length" in line
     assert snapshot(ws.run) == before
 
 
@@ -422,6 +446,7 @@ def test_validate_without_the_suite_and_with_it(monkeypatch, tmp_path):
                     tmp_path / "v"))
     assert "| method | pearson |" in out and "training the setup" in out and (tmp_path / "v").is_dir()
     assert seen["setup"] == "digits" and seen["methods"] == ["ekfac", "kfac"] and seen["train_points"] == 50
+    assert "measurements" not in seen and seen["size"] == "small"
 
 
 # ----------------------------------------------------------------------------------------- progress hooks

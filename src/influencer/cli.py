@@ -431,6 +431,16 @@ def _data_record(settings: dict[str, Any], docs: Documents, seqs: Sequences) -> 
             "digest": sequence_digest(seqs.batch)}
 
 
+def _check_positions(model: Any, batch: dict[str, Any], what: str, option: str) -> None:
+    """Refuse sequences longer than the model's context instead of failing inside its forward pass."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = int(batch["attention_mask"].sum(1).max()) if len(batch["attention_mask"]) else 0
+    if isinstance(limit, int) and longest > limit:
+        raise UserError(f"the {what} have up to {longest} tokens but the model reads at most {limit} positions; "
+                        f"lower {option}")
+
+
 def _say(console: Console, text: str) -> None:
     console.print(text, highlight=False, markup=False)
 
@@ -565,6 +575,7 @@ def fit(
         net, tok = _load_model(timer, model_source, dtype, device)
         docs, seqs = _read_training(timer, tok, settings)
         _say(console, f"data: {seqs.report.summary()}")
+        _check_positions(net, seqs.batch, "training sequences", "--max-length")
         tracked = _check_layers(net, layers)
         task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
         with timer.stage("fit", f"{strategy}, {len(tracked)} layers"):
@@ -805,6 +816,8 @@ def scan(
         qbatch, qreport = encode_queries(tok, query_list, max_length=query_max_length, truncation=query_truncation,
                                          chat_template=chat_template, system=system)
         _say(console, f"queries: {qreport.summary()}")
+        _check_positions(net, seqs.batch, "training sequences", "--max-length")
+        _check_positions(net, qbatch, "queries", "--query-max-length")
         task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
         candidates = None
         if prefilter is not None:
@@ -977,8 +990,8 @@ def demo(
     layers: str = typer.Option(r"model\.layers\.[0-5]\.mlp\.", "--layers",
                                help="Layer preset or regex (default: the MLPs of blocks 0-5)."),
     rank: int = typer.Option(32, "--rank", min=1, help="Rank of the stored queries."),
-    strategy: StrategyChoice = typer.Option(StrategyChoice.ekfac, "--strategy"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    strategy: StrategyChoice = typer.Option(StrategyChoice.ekfac, "--strategy", help="Curvature approximation."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per pass."),
     top: int = typer.Option(3, "--top", min=1, help="Hits printed per query."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch threads (default: torch's choice)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for report.html (when influencer.report "
@@ -1006,8 +1019,10 @@ def validate(
     setup: str = typer.Argument("concrete", help="Validation setup (e.g. concrete, digits, mnist, kjv-lm)."),
     size: SizeChoice = typer.Option(SizeChoice.small, "--size",
                              help="small: a quick check; full: the paper-sized experiment."),
-    measurements: int = typer.Option(10, "--measurements", min=1, help="Held-out queries."),
-    train_points: int = typer.Option(100, "--train-points", min=1, help="Training points compared."),
+    measurements: int | None = typer.Option(None, "--measurements", min=1, show_default="the suite's default",
+                                            help="Held-out queries."),
+    train_points: int | None = typer.Option(None, "--train-points", min=1, show_default="the suite's default",
+                                            help="Training points compared."),
     methods: str | None = typer.Option(None, "--methods", show_default="the suite's default",
                                        help="Comma-separated methods (ekfac, kfac, diagonal, lissa, gradient-dot, "
                                             "exact)."),
@@ -1026,8 +1041,11 @@ def validate(
     if run_experiment is None:
         raise UserError("influencer.validate has no run_experiment(); update influencer")
     console = _console()
-    kwargs: dict[str, Any] = {"measurements": measurements, "train_points": train_points, "size": size,
-                              "log": lambda msg: _say(console, str(msg))}
+    kwargs: dict[str, Any] = {"size": size, "log": lambda msg: _say(console, str(msg))}
+    if measurements is not None:
+        kwargs["measurements"] = measurements
+    if train_points is not None:
+        kwargs["train_points"] = train_points
     if methods:
         kwargs["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
     result = run_experiment(setup, **kwargs)
