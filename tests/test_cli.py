@@ -267,6 +267,32 @@ def test_report_calls_write_report_with_the_documented_arguments(ws, tmp_path, m
     assert any("ekfac" in n for n in call["notes"])
 
 
+def test_demo_writes_a_report_when_the_module_exists(ws, tmp_path, monkeypatch):
+    from influencer import demo
+
+    model, tok = inf_models_load(ws.model)
+    task = inf.CausalLM(pad_token_id=tok.pad_token_id)
+    train = _train_batch(tok)
+    curv = inf.fit_curvature(model, task, train, batch_size=8, progress=False)
+    result = inf.scan(model, task, curv, inf_queries(tok), train, batch_size=8, progress=False)
+    verses = kjv_verses(24)
+    monkeypatch.setitem(sys.modules, "influencer.report", None)
+    assert demo._write_report(result, tok, train, verses, tmp_path / "r.html", top=3) is None
+    seen = {}
+
+    def write_report(result, path, **kwargs):
+        seen.update(kwargs, text=kwargs["train_text"](0), tokens=kwargs["train_tokens"](0))
+        Path(path).write_text("ok")
+        return Path(path)
+
+    fake = types.ModuleType("influencer.report")
+    fake.write_report = write_report  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "influencer.report", fake)
+    assert demo._write_report(result, tok, train, verses, tmp_path / "d" / "r.html", top=3) == tmp_path / "d" / "r.html"
+    assert seen["text"] == f"Genesis 1:1: {verses[0]['text']}" and "".join(seen["tokens"]) == verses[0]["text"]
+    assert [q["completion"] for q in seen["queries"]] == [c for _, c, _ in demo.QUERIES] and seen["top"] == 3
+
+
 def test_report_without_the_module_or_scan(ws, tmp_path, monkeypatch):
     run = tmp_path / "run"
     _copy(ws.run, run)
