@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", default="runs/demo",
+                        help="folder for report.html (written when influencer.report is available)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,7 +96,34 @@ def main(argv: list[str] | None = None) -> None:
     print("Per copy = I / N: the predicted change of log p(completion) from adding one copy of the verse to an")
     print(f"N = {curv.n_train}-sequence training set (pass n_train= for the model's real training-set size).")
     print("[brackets] mark the 3 tokens with the largest tokenwise influence (the token before a predicted one).")
+    report = _write_report(result, tok, train, verses, Path(args.out) / "report.html", top=max(args.top, 10))
+    if report is not None:
+        print(f"report: {report}")
     print(f"total {time.perf_counter() - t0:.1f}s")
+
+
+def _write_report(result: inf.ScanResult, tok: Any, train: dict[str, torch.Tensor], verses: list[dict[str, str]],
+                  path: Path, *, top: int) -> Path | None:
+    """report.html via influencer.report when that module is available (None otherwise)."""
+    try:
+        from influencer.report import write_report
+    except ModuleNotFoundError as exc:
+        if exc.name != "influencer.report":
+            raise
+        return None
+    ids, mask = train["input_ids"], train["attention_mask"]
+
+    def train_tokens(i: int) -> list[str]:
+        return [tok.decode([int(t)]) for t in ids[i, : int(mask[i].sum())]]
+
+    def train_text(i: int) -> str:
+        return f"{verses[i]['citation']}: {verses[i]['text']}"
+
+    queries = [{"prompt": p, "completion": c} for p, c, _ in QUERIES]
+    notes = [f"SmolLM2-135M, {len(verses)} King James verses, EK-FAC on {len(result.layer_names)} MLP layers"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_report(result, path, queries=queries, train_tokens=train_tokens, train_text=train_text,
+                        title="influencer demo: SmolLM2-135M × King James verses", top=top, notes=notes)
 
 
 def _highlight(tok: object, ids: torch.Tensor, tokens: torch.Tensor | None, n: int = 3, width: int = 110) -> str:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+TMP_MARK = ".tmp-"
+"""Marks temporary siblings of a directory being written (``.<name>.tmp-*``)."""
 
 
 def _atomic_target(path: Path) -> tuple[int, str]:
@@ -60,3 +69,30 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling of ``final`` with ``write(tmp)`` and rename it into place.
+
+    A crash leaves only a ``.<name>.tmp-*`` sibling, never a partial ``final``. An existing ``final`` is
+    replaced; if another process renamed a folder into place first, that folder is kept.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent))
+    try:
+        write(tmp)
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}{TMP_MARK}old-{os.getpid()}-{time.time_ns()}")
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+            logger.info("Another process wrote %s first; keeping its folder.", final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -11,11 +11,11 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from influencer import sampling
 from influencer.capture import Capture, LayerIO
 from influencer.layers import Layer
+from influencer.progress import progress_bar
 from influencer.tasks import Task
 
 #: which loss a pass differentiates
@@ -78,7 +78,7 @@ def batches(dataset: Dataset, task: Task, batch_size: int, *, desc: str, progres
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     stop = len(dataset) if stop is None else min(stop, len(dataset))  # type: ignore[arg-type]
-    with tqdm(total=stop - start, desc=desc, unit="seq", disable=not progress, leave=False) as bar:
+    with progress_bar(desc, stop - start, unit="seq", enabled=progress) as bar:
         for lo in range(start, stop, batch_size):
             idx = torch.arange(lo, min(lo + batch_size, stop))
             yield idx, task.collate([dataset[int(i)] for i in idx])

@@ -25,6 +25,7 @@ from influencer.curvature.core import Curvature
 from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.layers import Layer
 from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
+from influencer.progress import Bar, progress_bar
 from influencer.queries import LayerQueries, QueryStore
 from influencer.tasks import Task
 
@@ -421,16 +422,17 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
         done = set(saved["done"])
     shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)] if out else [order]
     state = _State.empty(q, top_k, len(layers), dtype)
-    with eval_mode(model):
+    with eval_mode(model), progress_bar("scan", len(order), unit="seq", enabled=progress) as bar:
         for s, shard in enumerate(shards):
             path = out / "shards" / f"{s:06d}.safetensors" if out is not None else None
             if s in done and path is not None and path.is_file():
                 finished = _State.from_tensors(load_tensors(path))
                 finished.scores = []
                 state.merge(finished)
+                bar.update(len(shard))
                 continue
             shard_state = _scan_shard(model, task, layers, scorers, dataset, shard, allowed_mask, q, top_k, dtype,
-                                      batch_size, keep_scores, progress, f"scan {s + 1}/{len(shards)}")
+                                      batch_size, keep_scores, bar)
             if path is not None and progress_file is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_save_tensors(path, shard_state.tensors())
@@ -445,7 +447,7 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
                                           "store": store.memory_report()})
     result.directory = out
     if tokens:
-        attribute_tokens(model, task, store, layers, dataset, result, batch_size=batch_size)
+        attribute_tokens(model, task, store, layers, dataset, result, batch_size=batch_size, progress=progress)
     if out is not None:
         result.save(out)
     return result
@@ -494,22 +496,23 @@ class _Subset:
 
 def _scan_shard(model: nn.Module, task: Task, layers: list[Layer], scorers: list[_LayerScorer], dataset: Any,
                 shard: torch.Tensor, allowed: torch.Tensor | None, q: int, top_k: int, dtype: torch.dtype,
-                batch_size: int, keep_scores: bool, progress: bool, desc: str) -> _State:
+                batch_size: int, keep_scores: bool, bar: Bar) -> _State:
     state = _State.empty(q, top_k, len(layers), dtype)
     subset = _Subset(dataset, shard)
-    for local, batch in batches(subset, task, batch_size, desc=desc, progress=progress):
+    for local, batch in batches(subset, task, batch_size, desc="scan", progress=False):
         idx = shard[local]
         io = layer_io(model, task, layers, batch, idx, loss="train")
         # one device → host copy per batch (a sync per layer would stall a GPU)
         per_layer = torch.stack([s.scores(io[s.layer.name].a.to(dtype), io[s.layer.name].g.to(dtype))
                                  for s in scorers]).cpu()
         state.update(idx, per_layer, None if allowed is None else allowed[:, idx], keep_scores)
+        bar.update(len(idx))
     return state
 
 
 @amp_aware
 def attribute_tokens(model: nn.Module, task: Task, store: QueryStore, layers: list[Layer], dataset: Any,
-                     result: ScanResult, *, batch_size: int = 16) -> None:
+                     result: ScanResult, *, batch_size: int = 16, progress: bool = False) -> None:
     """Targeted second pass over the hits: per hit the layer × token matrix [L, T] (Σ = the hit's score).
 
     Fills ``result.token_scores`` for every hit in the top, bottom and band lists. Memory grows with the
@@ -530,7 +533,7 @@ def attribute_tokens(model: nn.Module, task: Task, store: QueryStore, layers: li
     order = torch.tensor(sorted(wanted))
     subset = _Subset(dataset, order)
     with eval_mode(model):
-        for local, batch in batches(subset, task, batch_size, desc="token attribution", progress=False):
+        for local, batch in batches(subset, task, batch_size, desc="token attribution", progress=progress):
             idx = order[local]
             mask = task.token_mask(task.to(batch, device))
             io = layer_io(model, task, layers, batch, idx, loss="train")

@@ -30,6 +30,7 @@ from influencer.curvature.linalg import (
 )
 from influencer.layers import Layer, LayerSpec, select_layers
 from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
+from influencer.progress import progress_bar
 from influencer.tasks import Task
 
 # label-sampling streams: each pass draws independent labels
@@ -139,19 +140,21 @@ class _Run:
                                                s_sum.get(name))
                 tokens[name] += x.tokens
         eig_a_of: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for name, f in factors.items():
-            count = max(1, tokens[name])
-            owner = a_owner[name]
-            if owner not in eig_a_of:
-                eig, q = eigh_blocks([c / count for c in a_sum[owner]])
-                eig_a_of[owner] = (eig, [v.to(self.dtype).cpu() for v in q])
-            eig_a, qa = eig_a_of[owner]
-            eig_s, qs = eigh_blocks([c / count for c in s_sum[name]])
-            f.tokens = tokens[name]
-            f.qa = qa
-            f.qs = [q.to(self.dtype).cpu() for q in qs]
-            f.eig_a = torch.cat(eig_a).cpu()
-            f.eig_s = torch.cat(eig_s).cpu()
+        with progress_bar("eigendecomposition", len(factors), unit="layers", enabled=self.progress) as bar:
+            for name, f in factors.items():
+                count = max(1, tokens[name])
+                owner = a_owner[name]
+                if owner not in eig_a_of:
+                    eig, q = eigh_blocks([c / count for c in a_sum[owner]])
+                    eig_a_of[owner] = (eig, [v.to(self.dtype).cpu() for v in q])
+                eig_a, qa = eig_a_of[owner]
+                eig_s, qs = eigh_blocks([c / count for c in s_sum[name]])
+                f.tokens = tokens[name]
+                f.qa = qa
+                f.qs = [q.to(self.dtype).cpu() for q in qs]
+                f.eig_a = torch.cat(eig_a).cpu()
+                f.eig_s = torch.cat(eig_s).cpu()
+                bar.update(1)
 
     def kfac_eigenvalues(self, factors: dict[str, LayerFactors]) -> None:
         """Λ = T̄ · (λ_S ⊗ λ_A), T̄ = mean unmasked tokens per sequence (per-sequence scale, like EK-FAC)."""
