@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from tqdm.auto import tqdm
 
 from influencer.curvature.core import Curvature
 from influencer.curvature.linalg import per_example_grads
 from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.layers import Layer
 from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
+from influencer.progress import progress_bar
 from influencer.tasks import Task
 
 
@@ -151,7 +151,7 @@ class QueryStore:
         if n == 0:
             raise ValueError("no queries given")
         parts = []
-        with tqdm(total=n, desc="query store", unit="query", disable=not progress, leave=False) as bar:
+        with progress_bar("query gradients", n, unit="query", enabled=progress) as bar:
             for lo in range(0, n, batch_size):
                 chunk = _slice_rows(queries, lo, min(lo + batch_size, n)) if batch_size < n else queries
                 precond = preconditioned_queries(model, task, curvature, chunk, batch_size=batch_size)
