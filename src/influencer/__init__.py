@@ -5,7 +5,15 @@
     scores = inf.pairwise_scores(model, inf.Regression(), curv, (Xq, Yq), (X, Y))
 """
 
-from influencer.curvature import STRATEGIES, Curvature, CurvatureMismatchError, LayerFactors, fit_curvature
+from influencer.curvature import (
+    STRATEGIES,
+    Curvature,
+    CurvatureMismatchError,
+    LayerFactors,
+    fit_curvature,
+    fit_partition,
+    merge_fit,
+)
 from influencer.layers import Layer, select_layers
 from influencer.queries import QueryStore, measurement_gradients, preconditioned_queries
 from influencer.scan import Hit, ScanResult, scan
@@ -30,7 +38,9 @@ __all__ = [
     "Task",
     "__version__",
     "fit_curvature",
+    "fit_partition",
     "measurement_gradients",
+    "merge_fit",
     "pairwise_scores",
     "preconditioned_queries",
     "scan",
