@@ -16,7 +16,7 @@ from influencer.curvature import (
 )
 from influencer.layers import Layer, select_layers
 from influencer.queries import QueryStore, measurement_gradients, preconditioned_queries
-from influencer.scan import Hit, ScanResult, scan
+from influencer.scan import Hit, ScanResult, merge_scans, scan
 from influencer.scores import Scores, pairwise_scores, self_scores
 from influencer.tasks import CausalLM, Classification, Regression, Task
 
@@ -41,6 +41,7 @@ __all__ = [
     "fit_partition",
     "measurement_gradients",
     "merge_fit",
+    "merge_scans",
     "pairwise_scores",
     "preconditioned_queries",
     "scan",
