@@ -43,6 +43,20 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, copying any that share memory with an earlier one (safetensors refuses shared
+    storage; e.g. layers fed the same input share one eigenbasis tensor)."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
+            v = v.clone()
+        if v.numel():
+            seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
+
+
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                         metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors via a temporary sibling and a rename."""
@@ -50,7 +64,7 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
     fd, tmp = _atomic_target(path)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file(_unshared(tensors), tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
