@@ -98,12 +98,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def remove_temporaries(directory: str | os.PathLike) -> int:
+    """Delete the temporaries of interrupted atomic writes (``.<name>.<random>.tmp``) under ``directory``; only
+    safe while holding the directory's :class:`RunLock` (no live writer). Returns how many were removed."""
+    removed = 0
+    for p in Path(directory).rglob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 class RunLock:
     """Exclusive lock on a run directory, held for a ``with`` block: ``<dir>/lock.json`` names the holder.
 
     Two processes cannot write one run directory: the second raises :class:`RunLockedError` naming the holder's
     pid and host. The lock is an ``flock`` on the file, which the kernel drops when its holder dies (even by
-    SIGKILL), so a stale lock left by a dead process is taken over silently. Where the file system offers no
+    SIGKILL), so a stale lock left by a dead process is taken over silently. Acquiring the lock also removes
+    temporaries that interrupted atomic writes left behind. Where the file system offers no
     ``flock``, the file's existence is the lock and a holder on this host whose pid is gone counts as stale.
     """
 
@@ -152,6 +164,7 @@ class RunLock:
         os.write(fd, self._record())
         os.fsync(fd)
         self._fd = fd
+        remove_temporaries(self.path.parent)
         return self
 
     def _acquire_by_file(self) -> RunLock:
@@ -171,6 +184,7 @@ class RunLock:
             os.fsync(fd)
             os.close(fd)
             self._exclusive_file = True
+            remove_temporaries(self.path.parent)
             return self
         raise self._refuse(self._holder())
 
