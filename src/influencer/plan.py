@@ -289,8 +289,19 @@ def _calibrate_times(model: nn.Module, task: Task, layers: list[Layer], examples
     with eval_mode(model):
         out["scan"] = _time(lambda: _scan_shard(model, task, layers, scorers, dataset, torch.arange(b), None, q, 10,
                                                 dtype, b, False, False, "")) / b * (n_queries / q)
-    # query gradients: one measurement-like backward per query, like a training pass
-    out["queries"] = out["covariance"]
+    # per query: a measurement pass (like a training pass), preconditioning (two rotations) and the rank-k SVD
+    from influencer.curvature.linalg import from_eigenbasis, to_eigenbasis
+    from influencer.queries import truncated_svd
+
+    def one_query() -> None:
+        for x in layers:
+            f = factors[x.name]
+            v = torch.randn(1, x.d_out, x.width, dtype=dtype, device=device)
+            p = from_eigenbasis(to_eigenbasis(v, f.qs, f.qa), f.qs, f.qa)
+            if rank is not None and rank * (x.d_out + x.width) < x.d_out * x.width:
+                truncated_svd(p, rank)
+
+    out["queries"] = out["covariance"] + _time(one_query)
     return out
 
 
@@ -316,6 +327,7 @@ def plan(
     dense_budget: int = DEFAULT_DENSE_BUDGET,
     memory_budget: int | None = None,
     fisher: str = "true",
+    runtime: int | None = None,
     calibrate: bool = True,
 ) -> Plan:
     """Predict peak memory and time of each stage of a fit + scan with these settings; suggest settings that fit
@@ -325,7 +337,9 @@ def plan(
     ``diagonal`` for that strategy), ``queries`` (building the rank-k query store) and ``scan`` (the streaming
     pass with the store resident). ``data``: a few training examples for calibration (required for
     non-language-model tasks; for :class:`CausalLM` random tokens of ``seq_len`` are used otherwise).
-    ``calibrate=False`` skips the timing (memory still needs one forward + backward of one sequence).
+    ``runtime``: bytes the process holds besides the model (measured now when None: this process's RSS minus
+    the model on the CPU; 0 on CUDA). ``calibrate=False`` skips the timing (memory still needs one forward +
+    backward of one sequence).
     """
     task = task if task is not None else CausalLM()
     tracked = select_layers(model, layers if layers is not None else task.default_layers(model))
@@ -336,7 +350,8 @@ def plan(
     cuda = device.type == "cuda"
     baseline = int(torch.cuda.memory_allocated(device)) if cuda else _rss()
     model_bytes = _model_bytes(model)
-    runtime = 0 if cuda else max(0, baseline - (model_bytes if device.type == "cpu" else 0))
+    if runtime is None:
+        runtime = 0 if cuda else max(0, baseline - (model_bytes if device.type == "cpu" else 0))
     dtype = compute_dtype(model)
     item = torch.finfo(dtype).bits // 8
     model_item = next(model.parameters()).element_size()
@@ -421,7 +436,7 @@ def plan(
     result = Plan(settings, stages, str(device), "device memory" if cuda else "peak RSS", calibration=calibration)
     if memory_budget is not None:
         result.suggestions = _suggest(result, shapes, memory_budget, blocks, rank, n_queries, batch_size,
-                                      activations, strategy)
+                                      lambda b: activations(b, sampled), strategy)
     return result
 
 
@@ -451,7 +466,8 @@ def _suggest(p: Plan, shapes: _Shapes, budget: int, blocks: int, rank: int | Non
     if strategy in ("kfac", "ekfac"):
         limit = min(min(x.width, x.d_out) for x in shapes.layers)
         options = [o for o in (1, 2, 4, 8, 16, 32, 64) if o <= limit]
-        good = [o for o in options if fit_peak(o, 1) <= budget]
+        good = [o for o in options if fit_peak(o, batch_size) <= budget] or \
+            [o for o in options if fit_peak(o, 1) <= budget]
         out["blocks"] = good[0] if good else None
         if not good:
             out["blocks_note"] = "no block count fits the fit stages in the budget: track fewer layers per run " \
