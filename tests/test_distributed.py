@@ -252,3 +252,18 @@ def test_helpers_are_no_ops_outside_a_process_group() -> None:
             assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
     owners = dist.assign([1.0, 8.0, 1.0, 1.0], world=2)
     assert owners[1] != owners[0] and owners.count(owners[1]) == 1
+
+
+def test_readme_partition_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    text = (TESTS.parent / "README.md").read_text()
+    section = text.split("## Scaling out", 1)[1].split("## Layout", 1)[0]
+    block = next(b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "fit_partition" in b)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(block, "README partitions example", "exec"), ns)
+    one = inf.fit_curvature(ns["model"], ns["task"], (ns["X"], ns["Y"]), progress=False)
+    assert _operator_error(ns["curv"], one) < 1e-5  # float32
+    ref = inf.scan(ns["model"], ns["task"], one, ns["queries"], (ns["X"], ns["Y"]), progress=False)
+    assert [h.index for h in ns["result"].top(0)] == [h.index for h in ref.top(0)]
