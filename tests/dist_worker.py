@@ -6,6 +6,7 @@ compare ranks with each other and with a single process. Also runs as a single p
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,8 @@ N_TRAIN = 37  # uneven over 2 ranks
 
 def setup():
     model = zoo.tiny_llama(hidden=16, intermediate=32, layers=3)
+    if os.environ.get("INFLUENCER_TEST_DEVICE"):  # e.g. "cuda": the same run with the model on that device
+        model = model.to(os.environ["INFLUENCER_TEST_DEVICE"])
     task = inf.CausalLM()
     train = zoo.token_data(N_TRAIN, t=9)
     queries = {"input_ids": zoo.token_data(4, t=8, seed=3), "prompt_length": torch.tensor([2, 3, 4, 3])}
