@@ -114,7 +114,7 @@ def _phase(run: Path, printed: str) -> str:
         done = json.loads(fit.read_text())["done"] if fit.is_file() else []
         return "fit/eigenvalues" if "covariance" in done else "fit/covariance"
     scan = run / "scan" / "scan.json"
-    if not scan.is_file():
+    if not scan.is_file() or not (run / "scan" / "queries.json").is_file():
         return "scan/queries"
     state = json.loads(scan.read_text())
     return "scan/shards" if len(state["done"]) < state["shards"] else "scan/tokens+save"

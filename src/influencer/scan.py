@@ -486,16 +486,6 @@ def _scan(model: nn.Module, task: Task, curvature: Curvature, layers: list[Layer
     config_digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     progress_file = out / "scan.json" if out is not None else None
 
-    def open_run() -> list[int]:
-        assert progress_file is not None
-        if progress_file.is_file():
-            saved = read_json(progress_file)
-            if saved.get("config") != config:
-                raise ValueError(f"'{out}' holds a scan with different settings; use another out_dir or delete it")
-            return list(saved["done"])
-        return []
-
-    listed = set(dist.broadcast_object(dist.run_collectively(open_run))) if out is not None else set()
     world, me = dist.world_size(), dist.rank()
     if out is not None:
         shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
@@ -503,6 +493,18 @@ def _scan(model: nn.Module, task: Task, curvature: Curvature, layers: list[Layer
     else:  # one shard per rank: a contiguous share of the order
         shards = [order[slice(*dist.shard_range(0, len(order), rank_=r))] for r in range(world)]
         mine = [me]
+
+    def open_run() -> list[int]:
+        assert progress_file is not None
+        if progress_file.is_file():
+            saved = read_json(progress_file)
+            if saved.get("config") != config:
+                raise ValueError(f"'{out}' holds a scan with different settings; use another out_dir or delete it")
+            return list(saved["done"])
+        atomic_write_json(progress_file, {"config": config, "done": [], "shards": len(shards)})
+        return []
+
+    listed = set(dist.broadcast_object(dist.run_collectively(open_run))) if out is not None else set()
     state = _State.empty(q, top_k, len(layers), dtype)
     done = sorted(listed)
     with eval_mode(model):
