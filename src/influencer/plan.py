@@ -205,11 +205,13 @@ def _saved_activation_bytes(model: nn.Module, task: Task, layers: list[Layer],
     """(bytes autograd saves for the backward of one batch (deduplicated by storage), bytes of the captured ā
     and g, bytes of the model's outputs)."""
     storages: dict[int, int] = {}
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         try:
             s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
+            if s.data_ptr() not in weights:  # weights saved for the backward are the model's, not activations
+                storages[s.data_ptr()] = s.nbytes()
         except (RuntimeError, NotImplementedError):  # e.g. sparse or meta tensors
             pass
         return t
@@ -348,10 +350,7 @@ def plan(
         split_sizes(x.d_out, blocks)
     device = model_device(model)
     cuda = device.type == "cuda"
-    baseline = int(torch.cuda.memory_allocated(device)) if cuda else _rss()
     model_bytes = _model_bytes(model)
-    if runtime is None:
-        runtime = 0 if cuda else max(0, baseline - (model_bytes if device.type == "cpu" else 0))
     dtype = compute_dtype(model)
     item = torch.finfo(dtype).bits // 8
     model_item = next(model.parameters()).element_size()
@@ -360,6 +359,10 @@ def plan(
         saved1, captured1, logits1 = _saved_activation_bytes(model, task, tracked, one)
         shared = _shared_inputs(model, task, tracked, one)
     shapes = _Shapes(tracked, shared, item)
+    # measured after one pass, so that memory-mapped weights are resident, as they are once a run starts
+    baseline = int(torch.cuda.memory_allocated(device)) if cuda else _rss()
+    if runtime is None:
+        runtime = 0 if cuda else max(0, baseline - (model_bytes if device.type == "cpu" else 0))
 
     def activations(b: int, sampled: bool = False) -> int:
         # saved tensors for the backward and the gradients flowing back (about as large at their peak), the
@@ -415,6 +418,14 @@ def plan(
                                  "token products": 2 * tokens * k_cols * item,
                                  "top-k state": n_queries * top_k * 5 * (len(tracked) + 2) * 8},
                         note=f"store {store_bytes / max(1, exact_bytes):.0%} of exact"))
+    if not cuda:
+        # the CPU allocator keeps memory freed by an earlier pass (its activations); a later stage that allocates
+        # less of that kind does not reuse all of it, so the process's RSS stays that much higher
+        earlier = 0
+        for st in stages:
+            own = st.parts.get("activations", 0)
+            st.parts["retained by the allocator"] = max(0, earlier - own)
+            earlier = max(earlier, own)
     calibration: dict[str, float] = {"saved_bytes_per_sequence": saved1, "captured_bytes_per_sequence": captured1,
                                      "output_bytes_per_sequence": logits1, "baseline": baseline}
     if calibrate:
