@@ -24,9 +24,9 @@ def _kill_test():
 
 
 def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
-    summary = _kill_test().run_kill_test(4, n_train=240, seed=1, base=tmp_path, log=lambda *_: None)
+    summary = _kill_test().run_kill_test(3, n_train=1200, seed=1, base=tmp_path, log=lambda *_: None)
     print(f"\nkill test: {summary}")
-    assert summary["kills"] == 4
+    assert summary["kills"] == 3
 
 
 def test_resumable_fit_checkpoints_and_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

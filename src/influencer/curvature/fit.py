@@ -179,7 +179,6 @@ def fit_curvature(
                 done.append(stage)
                 if last:
                     done.append("curvature")
-
                 dist.run_collectively(functools.partial(_commit_stage, out, target, curv, config, list(done)))
                 ckpt.clear()
         if not stages:
