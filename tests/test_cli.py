@@ -500,7 +500,7 @@ def test_library_progress_goes_through_installed_bars(ws):
         curv = inf.fit_curvature(model, task, train, batch_size=8, progress=True)
         inf.scan(model, task, curv, inf_queries(tok), train, batch_size=8, progress=True)
         inf.fit_curvature(model, task, train, batch_size=8, progress=False)  # off: no bars
-    assert events == [("covariance", 24, 24), ("eigendecomposition", 6, 6), ("eigenvalue correction", 24, 24),
+    assert events == [("covariance", 24, 24), ("eigendecomposition", 10, 10), ("eigenvalue correction", 24, 24),
                       ("query gradients", 2, 2), ("scan", 24, 24), ("token attribution", events[-1][1],
                                                                        events[-1][1])]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Protocol
 
-__all__ = ["Bar", "BarFactory", "progress_bar", "use_bars"]
+__all__ = ["Bar", "BarFactory", "NoBar", "progress_bar", "use_bars"]
 
 
 class Bar(Protocol):
@@ -32,7 +32,9 @@ BarFactory = Callable[[str, "int | None", str], Bar]
 _FACTORY: ContextVar[BarFactory | None] = ContextVar("influencer_progress_factory", default=None)
 
 
-class _NoBar:
+class NoBar:
+    """A bar that shows nothing."""
+
     def update(self, n: int = 1) -> None:
         pass
 
@@ -54,7 +56,7 @@ def use_bars(factory: BarFactory) -> Iterator[None]:
 def progress_bar(desc: str, total: int | None, *, unit: str = "seq", enabled: bool = True) -> Iterator[Bar]:
     """A bar for one stage: the installed factory's, else tqdm's; a no-op bar when ``enabled`` is False."""
     if not enabled:
-        yield _NoBar()
+        yield NoBar()
         return
     factory = _FACTORY.get()
     if factory is not None:
