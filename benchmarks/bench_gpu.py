@@ -62,32 +62,37 @@ def stage(name: str, results: dict[str, dict[str, float]], tokens: int) -> Itera
 
 @contextlib.contextmanager
 def fit_breakdown() -> Iterator[dict[str, float]]:
-    """Seconds in the covariance pass, the eigendecompositions and the Λ pass of one fit (CUDA-synchronised)."""
+    """Seconds in each fitting pass (covariance, eigenvalues) and in the eigendecompositions (CUDA-synchronised)."""
     from influencer.curvature import fit as fit_mod
 
-    parts = {"covariance pass": 0.0, "eigendecompositions": 0.0, "Λ pass": 0.0}
+    parts: dict[str, float] = {"eigendecompositions": 0.0}
 
-    def timed(fn: Callable[..., Any], key: str, minus: str | None = None) -> Callable[..., Any]:
-        def wrapper(*a: Any, **k: Any) -> Any:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            before = parts["eigendecompositions"]
-            t0 = time.perf_counter()
-            out = fn(*a, **k)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            parts[key] += time.perf_counter() - t0 - (parts["eigendecompositions"] - before if minus else 0.0)
-            return out
-        return wrapper
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
-    saved = (fit_mod.eigh_blocks, fit_mod._Run.covariance, fit_mod._Run.ekfac_eigenvalues)
-    fit_mod.eigh_blocks = timed(saved[0], "eigendecompositions")
-    fit_mod._Run.covariance = timed(saved[1], "covariance pass", minus="eigendecompositions")
-    fit_mod._Run.ekfac_eigenvalues = timed(saved[2], "Λ pass")
+    def timed_eigh(*a: Any, **k: Any) -> Any:
+        sync()
+        t0 = time.perf_counter()
+        out = saved_eigh(*a, **k)
+        sync()
+        parts["eigendecompositions"] += time.perf_counter() - t0
+        return out
+
+    def timed_pass(self: Any, stage: str, *a: Any, **k: Any) -> Any:
+        sync()
+        t0 = time.perf_counter()
+        out = saved_pass(self, stage, *a, **k)
+        sync()
+        parts[f"{stage} pass"] = parts.get(f"{stage} pass", 0.0) + time.perf_counter() - t0
+        return out
+
+    saved_eigh, saved_pass = fit_mod.eigh_blocks, fit_mod._Fit.accumulate
+    fit_mod.eigh_blocks, fit_mod._Fit.accumulate = timed_eigh, timed_pass  # type: ignore[method-assign]
     try:
         yield parts
     finally:
-        fit_mod.eigh_blocks, fit_mod._Run.covariance, fit_mod._Run.ekfac_eigenvalues = saved
+        fit_mod.eigh_blocks, fit_mod._Fit.accumulate = saved_eigh, saved_pass  # type: ignore[method-assign]
 
 
 def load(random_init: bool, n_verses: int, max_len: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Any]:

@@ -53,11 +53,12 @@ def test_bf16_autocast_runs_and_stays_close(both) -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         curv = inf.fit_curvature(gpu, task, train, progress=False)
         result = inf.scan(gpu, task, curv, queries, train, rank=None, top_k=5, keep_scores=True, progress=False)
-    assert _operator_error(curv, ref) < 0.5
+    for f in curv.layers.values():  # the math ran in float32 / float64 whatever the autocast
+        assert f.lam is not None and f.lam.dtype == torch.float32 and f.qa[0].dtype == torch.float32
     full = inf.scan(gpu, task, ref, queries, train, rank=None, top_k=5, keep_scores=True, progress=False)
     corr = torch.corrcoef(torch.stack([result.scores.flatten(), full.scores.flatten()]))[0, 1]
     print(f"\nbf16 autocast vs float32: operator error {_operator_error(curv, ref):.3f}, score Pearson {corr:.4f}")
-    assert corr > 0.9
+    assert corr > 0.95  # bf16 rounding of the activations perturbs small eigenvalues, not the scores
 
 
 def test_two_processes_on_the_gpu_equal_one_cpu_process(tmp_path: Path) -> None:
@@ -76,4 +77,4 @@ def test_two_processes_on_the_gpu_equal_one_cpu_process(tmp_path: Path) -> None:
     for name in ("curv", "curv_resumable", "curv_partitions"):
         assert _operator_error(inf.Curvature.load(tmp_path / "two" / "r0" / name), single) < 1e-6
     _same_top(inf.ScanResult.load(tmp_path / "two" / "r0" / "scan"),
-              inf.ScanResult.load(tmp_path / "one" / "r0" / "scan"))
+              inf.ScanResult.load(tmp_path / "one" / "r0" / "scan"), rel=1e-5)  # GPU vs CPU float32 sums
