@@ -277,7 +277,7 @@ def test_demo_writes_a_report_when_the_module_exists(ws, tmp_path, monkeypatch):
     result = inf.scan(model, task, curv, inf_queries(tok), train, batch_size=8, progress=False)
     verses = kjv_verses(24)
     monkeypatch.setitem(sys.modules, "influencer.report", None)
-    assert demo._write_report(result, tok, train, verses, tmp_path / "r.html", top=3) is None
+    assert demo._write_report(result, tok, train, verses, tmp_path / "r.html", top=3, n_fit=len(verses)) is None
     seen = {}
 
     def write_report(result, path, **kwargs):
@@ -288,7 +288,8 @@ def test_demo_writes_a_report_when_the_module_exists(ws, tmp_path, monkeypatch):
     fake = types.ModuleType("influencer.report")
     fake.write_report = write_report  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "influencer.report", fake)
-    assert demo._write_report(result, tok, train, verses, tmp_path / "d" / "r.html", top=3) == tmp_path / "d" / "r.html"
+    assert demo._write_report(result, tok, train, verses, tmp_path / "d" / "r.html", top=3,
+                             n_fit=len(verses)) == tmp_path / "d" / "r.html"
     assert seen["text"] == f"Genesis 1:1: {verses[0]['text']}" and "".join(seen["tokens"]) == verses[0]["text"]
     assert [q["completion"] for q in seen["queries"]] == [c for _, c, _ in demo.QUERIES] and seen["top"] == 3
 

@@ -986,7 +986,10 @@ def report(
 @app.command()
 @_command
 def demo(
-    verses: int = typer.Option(96, "--verses", min=1, help="First N verses of Genesis (+ a few famous ones)."),
+    verses: int = typer.Option(96, "--verses", min=1,
+                               help="Fit on the first N verses of Genesis (+ a few famous ones)."),
+    candidates: int = typer.Option(40, "--candidates", min=0,
+                                   help="BM25 candidates per query from the whole Bible (0: the fitting verses)."),
     layers: str = typer.Option(r"model\.layers\.[0-5]\.mlp\.", "--layers",
                                help="Layer preset or regex (default: the MLPs of blocks 0-5)."),
     rank: int = typer.Option(32, "--rank", min=1, help="Rank of the stored queries."),
@@ -997,12 +1000,13 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for report.html (when influencer.report "
                                                               "is available)."),
 ) -> None:
-    """Run the end-to-end demo: EK-FAC on the built-in SmolLM2-135M over King James verses."""
+    """Run the end-to-end demo: EK-FAC on SmolLM2-135M, BM25 candidates from the whole King James Bible."""
     strategy = _value(strategy)
     from influencer import demo as demo_module
 
     _quiet_transformers()
-    argv = ["--verses", str(verses), "--layers", layers, "--rank", str(rank), "--strategy", strategy,
+    argv = ["--verses", str(verses), "--candidates", str(candidates), "--layers", layers, "--rank", str(rank),
+            "--strategy", strategy,
             "--batch-size", str(batch_size), "--top", str(top), "--out", str(out)]
     if threads:
         argv += ["--threads", str(threads)]
