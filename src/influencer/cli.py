@@ -8,6 +8,11 @@
 Every error the user can cause prints one line ``error: ...`` and exits with status 1 (2 for a bad command
 line); ``--debug`` shows the traceback instead. Nothing is written before the inputs have been checked, and
 run directories are only ever replaced atomically (see :mod:`influencer.runs`).
+
+Under torchrun (``torchrun --standalone --nproc-per-node K -m influencer fit|scan …``) every process joins the
+group (gloo on the CPU, NCCL on ``cuda:LOCAL_RANK``) and does its share; rank 0 alone checks and writes the run
+directory and prints. Checks and loading run on every rank before the collective work and a failure on any rank
+ends them all, with one ``error: ...`` line from rank 0.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -113,6 +119,7 @@ _RUN = "Run"
 class _Settings:
     debug: bool = False
     progress: bool | None = None  # None: when stderr is a terminal
+    joined: bool = False  # this torchrun rank has joined the process group
 
 
 _SETTINGS = _Settings()
@@ -133,7 +140,7 @@ class _Group(TyperGroup):
             if not _is_click_error(exc):
                 raise
             message = _one_line(exc.format_message())
-            if message:  # (empty: the help was shown because no command was given)
+            if message and _main_rank():  # (empty: the help was shown; other torchrun ranks stay quiet)
                 ctx = getattr(exc, "ctx", None)
                 hint = f" (see: {ctx.command_path} --help)" if ctx is not None and exc.exit_code == 2 else ""
                 typer.echo(f"error: {message}{hint}", err=True)
@@ -178,9 +185,17 @@ def _command(fn: F) -> F:
             typer.echo("error: interrupted (an unfinished scan resumes when run again)", err=True)
             raise typer.Exit(130) from None
         except Exception as exc:
+            if isinstance(exc, _Reported):
+                raise typer.Exit(1) from None  # rank 0 printed the error
+            if _is_echo(exc) and not _SETTINGS.debug:  # the rank where it failed prints the error
+                _linger()
+                raise typer.Exit(1) from None
             if _SETTINGS.debug or _is_click_error(exc):
                 raise
-            typer.echo(f"error: {_message(exc)}", err=True)
+            if not _main_rank() and _rank_known():
+                typer.echo(f"error: rank {_rank()}: {_message(exc)}", err=True)
+            elif _main_rank():
+                typer.echo(f"error: {_message(exc)}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -188,6 +203,135 @@ def _command(fn: F) -> F:
 
 class UserError(ValueError):
     """A bad command-line request (printed as one line)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# torchrun: one process per rank, rank 0 speaks and writes
+# --------------------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _under_torchrun() -> bool:
+    """True in a process started by torchrun (or any env:// launcher) with more than one process."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _rank() -> int:
+    """This process's global rank (torchrun's ``RANK``; 0 in a plain process)."""
+    if not _under_torchrun():
+        return 0
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _main_rank() -> bool:
+    """Rank 0 (or a plain process): the one that prints tables and progress and writes run files."""
+    return _rank() == 0
+
+
+def _rank_known() -> bool:
+    """Inside the process group: an error here may be this rank's alone (before joining, every rank runs the same
+    deterministic option checks, so rank 0 speaks for all)."""
+    return _SETTINGS.joined
+
+
+class _Reported(Exception):
+    """Exit with status 1 and no message: rank 0 prints the error (see :func:`_agree`)."""
+
+
+def _linger(seconds: float = 10.0) -> None:
+    """A rank that fails because rank 0 failed waits a little before exiting: torchrun stops every process as soon
+    as one exits with an error, and rank 0 may still be printing it."""
+    if _under_torchrun() and not _main_rank():
+        time.sleep(seconds)
+
+
+_PEER_LOST = re.compile(r"closed by peer|reset by peer|remote (worker|process)|broken pipe", re.I)
+
+
+def _is_echo(exc: BaseException) -> bool:
+    """Another rank's failure seen here: raised by ``run_collectively``, or a collective that broke because a peer
+    process died. The rank where it failed prints the error (torchrun's report names it too)."""
+    from influencer.distributed import RankFailedError
+
+    if isinstance(exc, RankFailedError):
+        return True
+    if not _SETTINGS.joined:
+        return False
+    import torch.distributed as tdist
+
+    return isinstance(exc, tdist.DistError) or (isinstance(exc, RuntimeError) and bool(_PEER_LOST.search(str(exc))))
+
+
+def _torchrun_cuda(name: str) -> bool:
+    """Whether ``--device name`` puts this torchrun rank on a GPU it can have to itself (then NCCL, else gloo;
+    an impossible request is reported by :func:`_resolve_device` once the group is up)."""
+    import torch
+
+    if name != "auto" and not name.startswith("cuda"):
+        return False
+    if not torch.cuda.is_available():
+        return False
+    from influencer.distributed import local_rank
+
+    return name in ("auto", "cuda") and local_rank() < torch.cuda.device_count()
+
+
+@contextlib.contextmanager
+def _process_group(device: str) -> Iterator[None]:
+    """Under torchrun (``WORLD_SIZE`` > 1) join the process group for the command and leave it at the end: NCCL
+    when the command runs on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo on the CPU. A plain process is left
+    alone."""
+    if not _under_torchrun():
+        yield
+        return
+    import influencer.distributed as dist
+
+    backend = "nccl" if _torchrun_cuda(device) else "gloo"
+    dist.init(backend=backend)
+    _SETTINGS.joined = True
+    try:
+        yield
+        dist.barrier()  # nobody leaves while rank 0 still writes or prints
+    except BaseException:
+        if backend == "gloo":  # (NCCL: a peer may be inside a collective; the process exit tears it down)
+            with contextlib.suppress(Exception):
+                dist.shutdown()
+        raise
+    dist.shutdown()
+
+
+def _agree(fn: Callable[[], T]) -> T:
+    """Run ``fn`` (checks, loading) on every rank; if it fails on any, it fails on every rank and rank 0 prints
+    one error (its own, else the first failing rank's). So no rank starts the collective work alone, and a failed
+    check ends every process instead of leaving the others waiting. In one process: ``fn()``."""
+    import influencer.distributed as dist
+
+    if dist.world_size() == 1:
+        return fn()
+    result: T | None = None
+    error: Exception | None = None
+    try:
+        result = fn()
+    except Exception as exc:
+        error = exc
+    messages = dist.all_gather_object(None if error is None else _message(error))
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if not failed:
+        return result  # type: ignore[return-value]
+    if error is not None and _SETTINGS.debug:
+        traceback.print_exception(error)
+    elif dist.is_main():
+        r, message = failed[0]
+        typer.echo(f"error: {message}" if r == 0 else f"error: rank {r}: {message}", err=True)
+    dist.barrier()  # nobody exits (and so gets every process stopped) before rank 0 has printed
+    raise _Reported()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -291,7 +435,7 @@ def _live(timer: _Timer) -> Iterator[None]:
     """Show library progress as rich bars (when enabled) and record their timings."""
     from influencer.progress import use_bars
 
-    show = _SETTINGS.progress if _SETTINGS.progress is not None else sys.stderr.isatty()
+    show = (_SETTINGS.progress if _SETTINGS.progress is not None else sys.stderr.isatty()) and _main_rank()
     bars = _Bars(timer, show)
     timer.progress = bars.progress
     try:
@@ -329,10 +473,17 @@ def _timing_table(console: Console, timer: _Timer, title: str) -> None:
     console.print(table)
 
 
+def _timings_title(command: str, processes: int) -> str:
+    if processes == 1:
+        return f"{command} timings"
+    return f"{command} timings (rank 0 of {processes} processes)"
+
+
 def _console() -> Console:
+    """stdout for tables and messages; silent on torchrun ranks other than 0."""
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, quiet=not _main_rank())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -355,7 +506,7 @@ def _resolve_device(name: str) -> str:
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -363,6 +514,16 @@ def _resolve_device(name: str) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available here (torch {torch.__version__}); "
                         "use --device cpu")
+    if device.type == "cuda" and _under_torchrun():  # one GPU per process: cuda:LOCAL_RANK
+        from influencer.distributed import local_rank
+
+        if device.index is not None:
+            raise UserError(f"--device {name}: under torchrun every process uses cuda:LOCAL_RANK; pass --device "
+                            "cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+        if local_rank() >= torch.cuda.device_count():
+            raise UserError(f"torchrun started local rank {local_rank()} but this node has "
+                            f"{torch.cuda.device_count()} GPUs; use --nproc-per-node {torch.cuda.device_count()}")
+        return f"cuda:{local_rank()}"
     return name
 
 
@@ -566,17 +727,25 @@ def fit(
 
     console = _console()
     timer = _Timer()
-    target = check_fit_target(out, overwrite=overwrite)
-    device = _resolve_device(device)
-    model_source = _model_source(model)
-    settings = _data_settings(data, fmt, field_name, text_unit, split, sequences, max_length, packing, truncation,
-                              bos, eos)
-    with _live(timer):
-        net, tok = _load_model(timer, model_source, dtype, device)
-        docs, seqs = _read_training(timer, tok, settings)
-        _say(console, f"data: {seqs.report.summary()}")
-        _check_positions(net, seqs.batch, "training sequences", "--max-length")
-        tracked = _check_layers(net, layers)
+    with _process_group(device), _live(timer):
+        import influencer.distributed as dist
+
+        def check() -> tuple[Path, str, str, dict[str, Any]]:
+            # rank 0 decides about the run directory (it alone writes it); the option checks run everywhere
+            target = check_fit_target(out, overwrite=overwrite) if dist.is_main() else Path(out).expanduser()
+            return target, _resolve_device(device), _model_source(model), _data_settings(
+                data, fmt, field_name, text_unit, split, sequences, max_length, packing, truncation, bos, eos)
+
+        target, device, model_source, settings = _agree(check)
+
+        def load() -> tuple[Any, Any, Documents, Sequences, list[Any]]:
+            net, tok = _load_model(timer, model_source, dtype, device)
+            docs, seqs = _read_training(timer, tok, settings)
+            _say(console, f"data: {seqs.report.summary()}")
+            _check_positions(net, seqs.batch, "training sequences", "--max-length")
+            return net, tok, docs, seqs, _check_layers(net, layers)
+
+        net, tok, docs, seqs, tracked = _agree(load)
         task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
         with timer.stage("fit", f"{strategy}, {len(tracked)} layers"):
             curv = inf.fit_curvature(net, task, seqs.batch, strategy=strategy, fisher=fisher, damping=damping,
@@ -592,7 +761,7 @@ def fit(
             "fit": {"strategy": strategy, "fisher": fisher, "layers": layers, "tracked_layers": curv.layer_names,
                     "damping": damping, "damping_factor": damping_factor, "blocks": blocks, "seed": seed,
                     "batch_size": batch_size, "n_fit": curv.n_fit, "n_train": curv.n_train,
-                    "factor_bytes": curv.nbytes()},
+                    "factor_bytes": curv.nbytes(), "processes": dist.world_size()},
             "versions": versions(),
         }
         record["timings"] = timer.as_dict()
@@ -602,10 +771,11 @@ def fit(
                 curv.save(tmp / CURVATURE)
                 (tmp / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
-            write_fit(target, write)
+            dist.run_collectively(lambda: write_fit(target, write))  # rank 0 writes; a failure fails every rank
+        processes = dist.world_size()
     _say(console, f"fitted {strategy} on {len(curv.layers)} layers × {curv.n_fit} sequences "
                   f"(factors {_size(curv.nbytes())}) → {target}")
-    _timing_table(console, timer, "fit timings")
+    _timing_table(console, timer, _timings_title("fit", processes))
 
 
 # ----------------------------------------------------------------------------------------------------- scan
@@ -792,45 +962,64 @@ def scan(
 
     console = _console()
     timer = _Timer()
-    record = read_run(run)
-    query_list = _queries_from_options(queries, prompt, completion)
-    device = _resolve_device(device)
-    model_source = _model_source(model) if model is not None else record["model"]["source"]
-    settings = _scan_data_settings(record["data"], data, format=fmt, field=field_name, text_unit=text_unit,
-                                   split=split, sequences=sequences, max_length=max_length, packing=packing,
-                                   truncation=truncation, bos=bos, eos=eos)
-    if (run / SCAN).exists() and not overwrite:
-        raise UserError(f"{run / SCAN} already holds a scan; pass --overwrite to replace it")
-    batch_size = batch_size or record["fit"].get("batch_size", 8)
-    with _live(timer):
-        net, tok = _load_model(timer, model_source, dtype or record["model"].get("dtype", "float32"), device)
-        with timer.stage("load curvature"):
-            curv = inf.Curvature.load(run / CURVATURE, net)
-        docs, seqs = _read_training(timer, tok, settings)
-        digest = sequence_digest(seqs.batch)
-        if data is None and settings.get("sequences") == record["data"].get("sequences") \
-                and digest != record["data"].get("digest"):
-            raise UserError(f"the training data at {settings['source']} changed since the fit (other tokens); "
-                            "pass --data to scan it anyway")
-        _say(console, f"data: {seqs.report.summary()}")
-        qbatch, qreport = encode_queries(tok, query_list, max_length=query_max_length, truncation=query_truncation,
-                                         chat_template=chat_template, system=system)
-        _say(console, f"queries: {qreport.summary()}")
-        _check_positions(net, seqs.batch, "training sequences", "--max-length")
-        _check_positions(net, qbatch, "queries", "--query-max-length")
-        task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
-        candidates = None
-        if prefilter is not None:
-            from influencer.prefilter import BM25Index, completion_mask
+    with _process_group(device), _live(timer):
+        import influencer.distributed as dist
 
-            with timer.stage("prefilter", f"BM25 top {prefilter}"):
-                index = BM25Index(seqs.batch["input_ids"], attention_mask=seqs.batch["attention_mask"],
-                                  vocab_size=max(len(tok), int(seqs.batch["input_ids"].max()) + 1),
-                                  ignore_ids=tok.all_special_ids)
-                _, candidates = index.candidates(qbatch, n=prefilter, query_mask=completion_mask(qbatch),
-                                                 per_query=True)
-        partial = check_scan_target(run, overwrite=overwrite)
-        resumed = (partial / "scan.json").is_file()
+        def check() -> tuple[dict[str, Any], list[dict[str, str]], str, str, dict[str, Any]]:
+            record = read_run(run)
+            query_list = _queries_from_options(queries, prompt, completion)
+            resolved = _resolve_device(device)
+            model_source = _model_source(model) if model is not None else record["model"]["source"]
+            settings = _scan_data_settings(record["data"], data, format=fmt, field=field_name, text_unit=text_unit,
+                                           split=split, sequences=sequences, max_length=max_length,
+                                           packing=packing, truncation=truncation, bos=bos, eos=eos)
+            if dist.is_main() and (run / SCAN).exists() and not overwrite:  # rank 0 decides about the run
+                raise UserError(f"{run / SCAN} already holds a scan; pass --overwrite to replace it")
+            return record, query_list, resolved, model_source, settings
+
+        record, query_list, device, model_source, settings = _agree(check)
+        batch_size = batch_size or record["fit"].get("batch_size", 8)
+
+        def load() -> tuple[Any, Any, Any, Documents, Sequences, str, dict[str, Any], Any, Any]:
+            net, tok = _load_model(timer, model_source, dtype or record["model"].get("dtype", "float32"), device)
+            with timer.stage("load curvature"):
+                curv = inf.Curvature.load(run / CURVATURE, net)
+            docs, seqs = _read_training(timer, tok, settings)
+            digest = sequence_digest(seqs.batch)
+            if data is None and settings.get("sequences") == record["data"].get("sequences") \
+                    and digest != record["data"].get("digest"):
+                raise UserError(f"the training data at {settings['source']} changed since the fit (other tokens); "
+                                "pass --data to scan it anyway")
+            _say(console, f"data: {seqs.report.summary()}")
+            qbatch, qreport = encode_queries(tok, query_list, max_length=query_max_length,
+                                             truncation=query_truncation, chat_template=chat_template, system=system)
+            _say(console, f"queries: {qreport.summary()}")
+            _check_positions(net, seqs.batch, "training sequences", "--max-length")
+            _check_positions(net, qbatch, "queries", "--query-max-length")
+            candidates = None
+            if prefilter is not None and dist.is_main():  # rank 0 ranks the candidates, every rank scans them
+                from influencer.prefilter import BM25Index, completion_mask
+
+                with timer.stage("prefilter", f"BM25 top {prefilter}"):
+                    index = BM25Index(seqs.batch["input_ids"], attention_mask=seqs.batch["attention_mask"],
+                                      vocab_size=max(len(tok), int(seqs.batch["input_ids"].max()) + 1),
+                                      ignore_ids=tok.all_special_ids)
+                    _, candidates = index.candidates(qbatch, n=prefilter, query_mask=completion_mask(qbatch),
+                                                     per_query=True)
+            return net, tok, curv, docs, seqs, digest, qbatch, qreport, candidates
+
+        net, tok, curv, docs, seqs, digest, qbatch, qreport, candidates = _agree(load)
+        if prefilter is not None and dist.world_size() > 1:
+            candidates = dist.broadcast_tensors(None if candidates is None else {"c": candidates})["c"]
+        task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+
+        def target() -> tuple[str, bool]:
+            partial = check_scan_target(run, overwrite=overwrite)
+            return str(partial), (partial / "scan.json").is_file()
+
+        # rank 0 checks (and with --overwrite clears) the target; the others wait, then follow its decision
+        where, resumed = dist.broadcast_object(dist.run_collectively(target))
+        partial = Path(where)
         if resumed:
             _say(console, f"resuming the unfinished scan in {partial}")
         with timer.stage("influence", f"{len(query_list)} queries × {len(seqs)} sequences"):
@@ -857,19 +1046,25 @@ def scan(
                      "digest": digest},
             "settings": {"rank": rank or None, "top_k": top_k, "prefilter": prefilter, "tokens": tokens,
                          "keep_scores": keep_scores, "batch_size": batch_size, "shard_size": shard_size,
-                         "n_train": result.n_train, "device": device, "resumed": resumed},
+                         "n_train": result.n_train, "device": device, "resumed": resumed,
+                         "processes": dist.world_size()},
             "versions": versions(),
             "timings": timer.as_dict(),
         }
-        atomic_write_json(partial / SCAN_REQUEST, request)
-        publish_scan(run)
+
+        def publish() -> None:
+            atomic_write_json(partial / SCAN_REQUEST, request)
+            publish_scan(run)
+
+        dist.run_collectively(publish)  # rank 0 writes; a failure fails every rank
+        processes = dist.world_size()
     result.directory = run / SCAN
-    _print_hits(console, tok, result, query_list, seqs, show=show, per_layer=per_layer)
+    if _main_rank():
+        _print_hits(console, tok, result, query_list, seqs, show=show, per_layer=per_layer)
     _say(console, f"per copy = influence / N with N = {result.n_train}: the predicted change of log p(completion) "
                   "in nats from adding one copy of the sequence")
     _say(console, f"wrote {run / SCAN}")
-    _timing_table(console, timer, "scan timings")
-
+    _timing_table(console, timer, _timings_title("scan", processes))
 
 def _print_hits(console: Console, tok: Any, result: Any, queries: list[dict[str, str]], seqs: Sequences, *,
                 show: int, per_layer: bool) -> None:

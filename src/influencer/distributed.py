@@ -233,6 +233,15 @@ def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int = 0) -> 
 # --------------------------------------------------------------------------------------------------------
 
 
+class RankFailedError(RuntimeError):
+    """Raised on every other rank when a :func:`run_collectively` block failed on ``rank`` (which raises its own
+    error): the echo of a failure reported elsewhere."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(f"rank {rank} failed: {message}")
+        self.rank, self.message = rank, message
+
+
 @contextlib.contextmanager
 def main_process_first() -> Iterator[None]:
     """Rank 0 runs the block first (e.g. to build a cache), the others after it (a barrier on each side)."""
@@ -258,7 +267,8 @@ def only_main(fn: Callable[..., T]) -> Callable[..., T | None]:
 def run_collectively(fn: Callable[[], T], *, main_only: bool = True) -> T | None:
     """Run ``fn`` (on rank 0 only when ``main_only``); if it raises anywhere, every rank raises.
 
-    Use around file-system work that one rank does while the others would otherwise wait in a collective.
+    Use around file-system work that one rank does while the others would otherwise wait in a collective. The
+    failing rank raises its own exception, the others :class:`RankFailedError`.
     """
     result: T | None = None
     error: BaseException | None = None
@@ -276,7 +286,7 @@ def run_collectively(fn: Callable[[], T], *, main_only: bool = True) -> T | None
         raise error
     for r, msg in enumerate(reports):
         if msg is not None:
-            raise RuntimeError(f"rank {r} failed: {msg}")
+            raise RankFailedError(r, msg)
     return result
 
 
