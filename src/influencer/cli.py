@@ -1183,7 +1183,7 @@ def report(
 def demo(
     verses: int = typer.Option(96, "--verses", min=1,
                                help="Fit on the first N verses of Genesis (+ a few famous ones)."),
-    candidates: int = typer.Option(40, "--candidates", min=0,
+    candidates: int = typer.Option(24, "--candidates", min=0,
                                    help="BM25 candidates per query from the whole Bible (0: the fitting verses)."),
     layers: str = typer.Option(r"model\.layers\.[0-5]\.mlp\.", "--layers",
                                help="Layer preset or regex (default: the MLPs of blocks 0-5)."),

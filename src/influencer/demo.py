@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verses", type=int, default=96,
                         help="fit on the first N verses of Genesis (+ a few famous ones)")
-    parser.add_argument("--candidates", type=int, default=40,
+    parser.add_argument("--candidates", type=int, default=24,
                         help="BM25 candidates per query from the whole Bible (0: scan the fitting verses only)")
     parser.add_argument("--layers", default=DEFAULT_LAYERS,
                         help="layer preset or regex (default: the MLPs of blocks 0-5; 'mlp' for all 30 blocks)")
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"BM25 prefilter: {args.candidates} candidates per query from {len(verses)} verses, "
               f"{len(union)} distinct, in {time.perf_counter() - t2:.1f}s")
     t3 = time.perf_counter()
-    result = inf.scan(model, task, curv, queries, train, rank=args.rank, top_k=max(args.top, 10),
+    result = inf.scan(model, task, curv, queries, train, rank=args.rank, top_k=max(args.top, 5),
                       batch_size=args.batch_size, keep_scores=True, candidates=candidates, n_train=len(verses))
     print(f"scanned {len(prompts)} queries × {result.n_scanned} verses in {time.perf_counter() - t3:.1f}s "
           f"({result.meta['store']})\n")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     print("Per copy = I / N: the predicted change of log p(completion) from adding one copy of the verse to an")
     print(f"N = {len(verses)}-verse training set.")
     print("[brackets] mark the 3 tokens with the largest tokenwise influence (the token before a predicted one).")
-    report = _write_report(result, tok, train, verses, Path(args.out) / "report.html", top=max(args.top, 10),
+    report = _write_report(result, tok, train, verses, Path(args.out) / "report.html", top=max(args.top, 5),
                            n_fit=len(texts))
     if report is not None:
         print(f"report: {report}")
