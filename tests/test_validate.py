@@ -117,6 +117,20 @@ def test_pbrf_tends_to_exact_gnh_influence_on_a_nonlinear_network(kind: str) -> 
     assert _rel(got, exact[:, :3]) < 1e-3
 
 
+def test_pbrf_reports_an_unreachable_tolerance_instead_of_spinning() -> None:
+    """A tolerance below what float64 can reach: each solve stops once its learning rate has collapsed (min_lr),
+    says it did not converge, well before max_steps, and the influence is still exact."""
+    model, task, train, queries = _linear_problem()
+    exact = ref.exact_influence(model, task, queries, train, ["0"], damping=0.05)
+    fm = FlatModel(model, task, "all")
+    solver = PBRF(fm, train, 0.05, PBRFConfig(epsilon=1e-5, tol=1e-30, max_steps=20000, patience=20))
+    got, info = solver.influence(0, fm.batches(queries, 64, queries=True))
+    for side in (info["plus"], info["minus"]):
+        assert not side["converged"] and side["steps"] < 5000
+        assert side["final_lr"] < 1e-3 * side["initial_lr"] and side["grad_ratio"] < 1e-6
+    assert _rel(got, exact[:, 0]) < 1e-4
+
+
 def test_flat_model_gradients_and_gnh_match_brute_force() -> None:
     model, task = zoo.mlp(d_in=4, hidden=5, d_out=3), inf.Classification()
     x, y = zoo.classification_data(30, d_in=4)

@@ -128,8 +128,9 @@ class ExperimentResult:
         lines += [
             "",
             f"PBRF: {ps['solves']} Adam solves from θ_s (tolerance ‖∇J‖ ≤ {st['pbrf']['tol']:g}·‖∇J(θ_s)‖), "
-            f"{ps['converged'] / max(1, ps['solves']):.1%} converged, steps median {ps['steps_median']:.0f} / "
-            f"max {ps['steps_max']}, {self.pbrf_seconds:.0f} s in all. Parameters: "
+            f"{ps['converged'] / max(1, ps['solves']):.1%} converged (largest final ratio "
+            f"{ps['grad_ratio_max']:.3g}), steps median {ps['steps_median']:.0f} / max {ps['steps_max']}, "
+            f"{self.pbrf_seconds:.0f} s in all. Parameters: "
             f"{st['params']} ({'all parameters' if st['covers_all'] else 'tracked Linear layers only'}).",
         ]
         return "\n".join(lines)

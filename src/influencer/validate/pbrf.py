@@ -16,7 +16,11 @@ training set (deterministic gradients) until the **stated tolerance** ‖∇J(u)
 ``tol`` · ‖∇L(z_m, θ_s)‖ holds (at most ``max_steps``). Since J is (G + λ)-strongly convex near θ_s this bounds
 ‖u − u*‖ ≤ tol ‖∇L‖ / λ. The learning rate starts at ``lr`` (None: ``lr_scale`` × the RMS coordinate of the
 Cauchy point of the quadratic model, i.e. the step that minimises J along −∇J(0), found with one GNH-vector
-product) and is halved whenever the gradient norm has not reached a new minimum for ``patience`` steps.
+product) and is halved whenever the gradient norm has not reached a new minimum for ``patience`` steps. A solve
+that has not met the tolerance when the learning rate falls below ``min_lr`` × its initial value stops there and
+is reported as not converged (with the gradient ratio it reached): with ReLU networks J is only piecewise smooth
+(activation patterns flip as θ moves), so its gradient norm can have a floor above the tolerance, and further
+steps at a vanishing learning rate would only cost time.
 """
 
 from __future__ import annotations
@@ -45,18 +49,21 @@ class PBRFConfig:
     lr_scale: float = 30.0
     betas: tuple[float, float] = (0.9, 0.99)
     patience: int = 50
+    min_lr: float = 1e-3
     batch_size: int = 4096
 
 
 @dataclass
 class PBRFSolve:
-    """One PBRF solve: the final u (θ = θ_s + ε u), the steps taken and the reached relative gradient norm."""
+    """One PBRF solve: the steps taken, the reached relative gradient norm ‖∇J(u)‖/‖∇J(0)‖, whether it met the
+    tolerance, and the initial and final Adam learning rates."""
 
     sign: int
     steps: int
     grad_ratio: float
     converged: bool
     final_lr: float
+    initial_lr: float = 0.0
 
 
 class PBRF:
@@ -103,13 +110,14 @@ class PBRF:
         g = self._objective_grad(u, sign, example)
         g0 = float(g.norm())
         if g0 == 0.0:
-            return u, PBRFSolve(sign, 0, 0.0, True, 0.0)
+            return u, PBRFSolve(sign, 0, 0.0, True, 0.0, 0.0)
         if cfg.lr is not None:
             lr = float(cfg.lr)
         else:  # Cauchy point of the quadratic model ½uᵀ(G+λ)u + gᵀu along −g
             curv = float(g @ (self._gnh_vp(g) + self.d * g))
             alpha = float(g @ g) / max(curv, 1e-300)
             lr = cfg.lr_scale * alpha * g0 / math.sqrt(g.numel())
+        lr0 = lr
         b1, b2 = cfg.betas
         m = torch.zeros_like(u)
         v = torch.zeros_like(u)
@@ -137,7 +145,9 @@ class PBRF:
                 if since >= cfg.patience:
                     lr *= 0.5
                     since = 0
-        return u.detach(), PBRFSolve(sign, steps, ratio, ratio <= cfg.tol, lr)
+                    if lr < cfg.min_lr * lr0:
+                        break
+        return u.detach(), PBRFSolve(sign, steps, ratio, ratio <= cfg.tol, lr, lr0)
 
     def influence(self, index: int, queries_batches: list[tuple[Tensor, Any]]) -> tuple[Tensor, dict[str, Any]]:
         """PBRF influence of training example ``index`` on every query: ([Q], info)."""
