@@ -34,5 +34,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_fit.py
 
+validate: $(STAMP)  # full validation runs on Concrete (~1.5 h, 1 thread); see docs/VALIDATION.md for all commands
+	$(PY) benchmarks/validate_experiment.py --setup concrete && $(PY) benchmarks/validate_lds.py --setup concrete
+
 clean:
 	rm -rf $(VENV) .pytest_cache
