@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
+DEMO_THREADS ?= 2
 
 .PHONY: install demo test lint bench clean
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m influencer.demo
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) -m influencer.demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,7 @@
 """End-to-end demo: EK-FAC influence on the built-in SmolLM2-135M over the King James Bible.
 
 Run with ``make demo`` or ``python -m influencer.demo [--verses N] [--candidates N] [--layers PRESET|REGEX]``.
-Fits the curvature on the first verses of Genesis (+ a few famous ones), narrows the whole Bible (31,102 verses)
+Fits the curvature on the first verses of Genesis (+ a few famous ones), narrows the whole Bible (31,103 verses)
 to each query's BM25 candidates (paper §3.2.1), scans them, and prints, for a few built-in queries, the verses
 whose addition would most increase log p(completion | prompt); writes ``report.html``.
 """
