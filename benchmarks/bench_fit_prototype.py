@@ -6,6 +6,9 @@ them side by side with the unpatched passes and the floor, on the same setups (`
 
 - covariance: accumulate only the upper block triangle of AᵀA / SᵀS with in-place ``addmm_`` (k×k blocks, k = 4;
   (k+1)/2k of the flops), mirrored once before the eigendecomposition (patches ``fit.block_covariance``);
+- Λ: write each per-sequence product into one reused buffer (``torch.mm(..., out=buf)``) before the fused
+  ``addcmul_`` instead of allocating a fresh [w, d_out] tensor per sequence (patches
+  ``fit.accumulate_squared_grads``);
 - capture: skip the token-mask multiplication (a copy of every ā and g) when the batch has no padding
   (patches ``capture._per_token``).
 
@@ -29,6 +32,7 @@ import torch
 
 from influencer import capture as capture_mod
 from influencer.curvature import fit as fit_mod
+from influencer.curvature import linalg as linalg_mod
 from influencer.curvature.core import LayerFactors
 from influencer.passes import eval_mode
 
@@ -67,6 +71,37 @@ def upper_block_covariance(original: Any) -> Any:
     return run
 
 
+def buffered_accumulate(original: Any) -> Any:
+    """``accumulate_squared_grads`` writing each per-sequence product into one reused buffer per shape
+    (``torch.mm(..., out=buf)``) instead of a fresh [w, d_out] tensor per sequence."""
+    buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def run(
+        acc_t: torch.Tensor,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        qs: Any = None,
+        qa: Any = None,
+        rotated_a: torch.Tensor | None = None,
+    ) -> None:
+        rotated = qs is not None and qa is not None
+        if rotated and not linalg_mod.rotate_tokens_first(a.shape[1], g.shape[2], a.shape[2]):
+            return original(acc_t, a, g, qs, qa, rotated_a)
+        if rotated:
+            a = rotated_a if rotated_a is not None else linalg_mod.rotate(a, qa)
+            g = linalg_mod.rotate(g, qs)
+        key = (tuple(acc_t.shape), acc_t.dtype, acc_t.device)
+        buf = buffers.get(key)
+        if buf is None:
+            buf = buffers[key] = torch.empty_like(acc_t)
+        for b in range(a.shape[0]):
+            torch.mm(a[b].T, g[b], out=buf)
+            acc_t.addcmul_(buf, buf)
+        return None
+
+    return run
+
+
 def fast_per_token(original: Any) -> Any:
     """``_per_token`` without the mask multiplication when nothing is masked (and no bias column to add)."""
 
@@ -101,7 +136,12 @@ def lam(setup: bf.Setup, proto: bool, factors: dict[str, LayerFactors]) -> tuple
     run, fresh = bf.make_run(setup, setup.train)
     for name, f in fresh.items():
         f.qa, f.qs, f.tokens = factors[name].qa, factors[name].qs, factors[name].tokens
-    patches: list[tuple[Any, str, Any]] = [(capture_mod, "_per_token", fast_per_token)] if proto else []
+    patches: list[tuple[Any, str, Any]] = []
+    if proto:
+        patches += [
+            (capture_mod, "_per_token", fast_per_token),
+            (fit_mod, "accumulate_squared_grads", buffered_accumulate),
+        ]
     with bf.patched(patches), eval_mode(setup.model):
         t0 = bf.Span.start()
         run.ekfac_eigenvalues(fresh)
@@ -188,9 +228,9 @@ def main() -> None:
             "## Prototype rewrites of the fitting passes (`benchmarks/bench_fit_prototype.py`)\n",
             f"Command: `{cmd}`\n",
             "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n",
-            f"Prototype = upper-triangle `addmm_` covariances ({TRI_BLOCKS}×{TRI_BLOCKS} blocks) and no mask "
-            "multiplication for unpadded batches, on top of the engine at the time of the run; eigendecompositions "
-            "stubbed (identity bases) in all runs. "
+            f"Prototype = upper-triangle `addmm_` covariances ({TRI_BLOCKS}×{TRI_BLOCKS} blocks), a reused output "
+            "buffer for the per-sequence Λ products and no mask multiplication for unpadded batches, on top of the "
+            "engine at the time of the run; eigendecompositions stubbed (identity bases) in all runs. "
             f"Best of {args.repeats} (wall-clock; process CPU time in parentheses); same setups as `bench_fit.py` "
             "(see there), sizes as in the table.\n",
             "\n".join(lines) + "\n",

@@ -349,9 +349,8 @@ def dense_bytes_per_query(layers: list[Any]) -> int:
     return sum(x.d_out * x.width * 4 for x in layers)
 
 
-def build_store(s: ScanSetup, q_max: int, rank: int, chunk_bytes: int) -> None:
-    """The rank-k store for q_max queries: ``QueryStore.build`` on chunks of the distinct queries, concatenated,
-    then tiled to q_max.
+def build_store(s: ScanSetup, rank: int, chunk_bytes: int) -> None:
+    """The rank-k store of the distinct queries: ``QueryStore.build`` on chunks of queries, concatenated.
 
     ``QueryStore.build`` holds the dense gradients [Q, d_out, w] of every layer, and their preconditioned copy,
     before compressing (Q = 64 on SmolLM2 would need about 40 GB), so it is called on chunks of queries that fit
@@ -366,32 +365,52 @@ def build_store(s: ScanSetup, q_max: int, rank: int, chunk_bytes: int) -> None:
     for lo in range(0, s.distinct, chunk):
         sub = {k: v[lo : lo + chunk] for k, v in s.queries.items()}
         parts.append(inf.QueryStore.build(setup.model, setup.task, s.curv, sub, rank=rank))
-        log(
-            f"  [{setup.name}] store: {min(lo + chunk, s.distinct)}/{s.distinct} queries "
-            f"({time.perf_counter() - t0:.0f} s)"
-        )
+        log(f"  [{setup.name}] store: {min(lo + chunk, s.distinct)}/{s.distinct} queries "
+            f"({time.perf_counter() - t0:.0f} s)")
     s.store_s, s.store_chunk = time.perf_counter() - t0, chunk
-    idx = torch.arange(q_max) % s.distinct
 
     def cat(name: str, attr: str) -> torch.Tensor | None:
         ts = [getattr(p.layers[name], attr) for p in parts]
-        if ts[0] is None:
-            return None
-        t = torch.cat(ts)
-        return t if q_max == s.distinct else t[idx].contiguous()
+        return None if ts[0] is None else torch.cat(ts)
 
     out = {n: LayerQueries(n, cat(n, "dense"), cat(n, "left"), cat(n, "right")) for n in parts[0].layers}
-    s.store = QueryStore(layers=out, rank=rank, n_queries=q_max, meta=parts[0].meta)
+    s.store = QueryStore(layers=out, rank=rank, n_queries=s.distinct, meta=parts[0].meta)
 
 
 def first_queries(store: QueryStore, q: int) -> QueryStore:
-    """The store of the first q queries (views, no copy)."""
+    """The store of the first q queries: views when q ≤ the distinct queries, else the distinct ones repeated."""
+    idx = None if q <= store.n_queries else torch.arange(q) % store.n_queries
 
     def head(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[:q]
+        if t is None:
+            return None
+        return t[:q] if idx is None else t[idx]
 
     layers = {n: LayerQueries(n, head(x.dense), head(x.left), head(x.right)) for n, x in store.layers.items()}
     return QueryStore(layers=layers, rank=store.rank, n_queries=q, meta=store.meta)
+
+
+def release_memory() -> None:
+    """gc, then hand freed heap back to the OS (glibc keeps it otherwise, and the memory checks would fail)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def wait_for_memory(need: int, max_s: float, what: str, poll_s: float = 30.0) -> bool:
+    """True once ``need`` bytes are available (other processes come and go), False after max_s."""
+    t0 = time.perf_counter()
+    while True:
+        release_memory()
+        avail = mem_available()
+        if need <= avail:
+            return True
+        if time.perf_counter() - t0 >= max_s:
+            return False
+        log(f"  {what}: needs ~{need / GiB:.1f} GiB, {avail / GiB:.1f} GiB available; waiting")
+        time.sleep(poll_s)
 
 
 # ------------------------------------------------------------------------------------------------ passes
@@ -410,11 +429,14 @@ def run_scan(
     dense_budget: int,
 ) -> scan_mod.ScanResult:
     setup = s.setup
+    q = store.n_queries
+    idx = torch.arange(q) % s.distinct
+    queries = {k: v[idx] for k, v in s.queries.items()}  # the store's queries (scan digests them)
     return inf.scan(
         setup.model,
         setup.task,
         s.curv,
-        None,
+        queries,
         train,
         store=store,
         rank=args.rank,
@@ -462,6 +484,7 @@ class QResult:
     q: int
     store_report: str = ""
     store_bytes: int = 0
+    floor: list[float] = field(default_factory=list)  # floors measured in this Q's rounds
     modes: dict[str, str] = field(default_factory=dict)
     times: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # mode | "token pass"
     same_as_auto: dict[str, bool] = field(default_factory=dict)
@@ -493,6 +516,8 @@ def predicted_costs(s: ScanSetup, store: QueryStore, modes: dict[str, str]) -> d
 
 
 def measure(s: ScanSetup, args: argparse.Namespace) -> Measurement:
+    """Per Q, ``repeats`` rounds of: floor, auto scan, forced scans, token pass (so each Q's ratios divide times
+    taken under the same background load)."""
     setup = s.setup
     assert s.store is not None
     layers = s.curv.bind(setup.model)
@@ -500,30 +525,34 @@ def measure(s: ScanSetup, args: argparse.Namespace) -> Measurement:
     warm = subset(setup.train, min(len(setup.train["input_ids"]), 2 * setup.batch_size))
     m = Measurement()
     floor_pass(setup, warm)
-    m.floor.append(timed(lambda: floor_pass(setup, setup.train)))
-    log(f"  [{setup.name}] floor {m.floor[-1]:.2f} s")
     budget = args.dense_budget_mib * 2**20
     for q in args.q:
-        store = first_queries(s.store, q)
-        r = QResult(q, store.memory_report(), store.nbytes())
+        store_bytes = (s.store.nbytes() // s.store.n_queries) * q
+        r = QResult(q)
         m.per_q.append(r)
-        need = 2 * store.nbytes() + min(budget, q * dense_per_q) + 256 * 2**20
-        if need > mem_available():
+        # the store (if repeated), the scorers' copies of it in contraction layout, dense copies within budget
+        need = 2 * store_bytes + min(budget, q * dense_per_q) + 512 * 2**20
+        if not wait_for_memory(need, args.mem_wait, f"[{setup.name}] Q={q}"):
             r.skipped = {x: f"needs ~{need / GiB:.1f} GiB" for x in (*MODES, "token pass")}
-            log(f"  [{setup.name}] Q={q}: skipped, needs ~{need / GiB:.1f} GiB, {mem_available() / GiB:.1f} available")
+            log(f"  [{setup.name}] Q={q}: skipped, needs ~{need / GiB:.1f} GiB")
             continue
+        store = first_queries(s.store, q)
+        r.store_report, r.store_bytes = store.memory_report(), store.nbytes()
         r.modes = dict(run_scan(s, store, warm, "auto", args, budget).meta["modes"])
         r.predicted = predicted_costs(s, store, r.modes)
         todo = ["auto"]
         for forced in ("tokens", "materialize"):
+            dense = q * dense_per_q
             if forced not in args.modes:
                 r.skipped[forced] = "not run (--modes)"
             elif all(v == forced for v in r.modes.values()):
                 r.same_as_auto[forced] = True
-            elif forced == "materialize" and q * dense_per_q > args.max_dense_gib * GiB:
-                r.skipped[forced] = f"not run: dense copies {q * dense_per_q / GiB:.1f} GiB > --max-dense-gib"
-            elif forced == "materialize" and 2 * store.nbytes() + 2 * q * dense_per_q > mem_available():
-                r.skipped[forced] = f"not run: dense copies {q * dense_per_q / GiB:.1f} GiB exceed free memory"
+            elif forced == "materialize" and dense > args.max_dense_gib * GiB:
+                r.skipped[forced] = f"not run: dense copies {dense / GiB:.1f} GiB > --max-dense-gib"
+            elif forced == "materialize" and not wait_for_memory(
+                2 * store_bytes + dense + GiB, args.mem_wait, f"[{setup.name}] Q={q} materialize"
+            ):
+                r.skipped[forced] = f"not run: dense copies {dense / GiB:.1f} GiB exceed free memory"
             else:
                 todo.append(forced)
         for mode in todo[1:]:
@@ -531,9 +560,11 @@ def measure(s: ScanSetup, args: argparse.Namespace) -> Measurement:
         if args.token_pass:
             run_tokens(s, store, warm, run_scan(s, store, warm, "auto", args, budget))
         for rep in range(args.repeats):
+            release_memory()
+            r.floor.append(timed(lambda: floor_pass(setup, setup.train)))
             result = None
             for mode in todo:
-                gc.collect()
+                release_memory()
                 t0 = time.perf_counter()
                 res = run_scan(s, store, setup.train, mode, args, budget)
                 r.times[mode].append(time.perf_counter() - t0)
@@ -541,18 +572,16 @@ def measure(s: ScanSetup, args: argparse.Namespace) -> Measurement:
                     result = res
                 del res
             if args.token_pass and result is not None:
+                release_memory()
                 r.hits = hit_sequences(result)
                 r.times["token pass"].append(timed(lambda res=result, st=store: run_tokens(s, st, setup.train, res)))
             del result
-            log(
-                f"  [{setup.name}] Q={q} repeat {rep + 1}/{args.repeats}: "
+            log(f"  [{setup.name}] Q={q} repeat {rep + 1}/{args.repeats}: floor {r.floor[-1]:.2f} s, "
                 + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in r.times.items())
-                + f" (floor {min(m.floor):.2f} s; modes {mode_summary(r.modes)})"
-            )
-        gc.collect()
-    while len(m.floor) < args.repeats:  # the other floor repeats after the scans (drift shows in the repeats)
-        m.floor.append(timed(lambda: floor_pass(setup, setup.train)))
-        log(f"  [{setup.name}] floor {m.floor[-1]:.2f} s")
+                + f" (modes {mode_summary(r.modes)}; load {load_average()})")
+        m.floor.extend(r.floor)
+        del store
+        release_memory()
     return m
 
 
@@ -658,8 +687,8 @@ def results_table(rows: list[tuple[ScanSetup, Measurement]]) -> str:
         "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s, m in rows:
-        f = min(m.floor)
         for r in m.per_q:
+            f = min(r.floor) if r.floor else min(m.floor, default=float('nan'))
             if "auto" not in r.times:
                 out.append(
                     f"| {s.setup.name} | {r.q} | {f:.2f} | – | – | skipped ({r.skipped.get('auto')}) "
@@ -696,16 +725,15 @@ def memory_table(rows: list[tuple[ScanSetup, Measurement]]) -> str:
         for r in m.per_q:
             p = r.predicted
             cost = f"{p['auto'] / 1e9:.3g} / {p['tokens'] / 1e9:.3g} / {p['materialize'] / 1e9:.3g}" if p else "–"
-            out.append(f"| {s.setup.name} | {r.q} | {r.store_report} | {cost} | {mode_detail(r.modes) or '–'} |")
+            out.append(f"| {s.setup.name} | {r.q} | {r.store_report or '–'} | {cost} | {mode_detail(r.modes) or '–'} |")
     return "\n".join(out) + "\n"
 
 
 def repeats_table(rows: list[tuple[ScanSetup, Measurement]]) -> str:
     out = ["| setup | what | seconds per repeat |", "|---|---|---|"]
     for s, m in rows:
-        out.append(f"| {s.setup.name} | floor | {', '.join(f'{x:.2f}' for x in m.floor)} |")
         for r in m.per_q:
-            for k, v in r.times.items():
+            for k, v in (("floor", r.floor), *r.times.items()):
                 out.append(f"| {s.setup.name} | Q={r.q} {k} | {', '.join(f'{x:.2f}' for x in v)} |")
     return "\n".join(out) + "\n"
 
@@ -744,9 +772,8 @@ def report(args: argparse.Namespace, env: dict[str, str], rows: list[tuple[ScanS
             f"- **{s.setup.name}**: {s.setup.description}; {s.setup.shape[0]} sequences × {s.setup.shape[1]} "
             f"tokens, batch {s.setup.batch_size}, layers `{s.setup.layers}` "
             f"({len(s.curv.layers)} linears); EK-FAC (true Fisher) fitted once on the same sequences in "
-            f"{s.fit_s:.0f} s; queries: {s.query_note}; rank-{args.rank} store for Q = {max(args.q)} built once "
-            f"in {s.store_s:.0f} s ({s.distinct} distinct queries, `QueryStore.build` on chunks of "
-            f"{s.store_chunk})"
+            f"{s.fit_s:.0f} s; queries: {s.query_note}; rank-{args.rank} store of the {s.distinct} distinct "
+            f"queries built once in {s.store_s:.0f} s (`QueryStore.build` on chunks of {s.store_chunk} queries)"
             for s, _ in rows
         )
         + "\n",
@@ -759,8 +786,10 @@ def report(args: argparse.Namespace, env: dict[str, str], rows: list[tuple[ScanS
         "mode for every layer). Token pass = `influencer.scan.attribute_tokens` on the auto scan's hits (what "
         "`tokens=True` adds), over the distinct hit sequences (top, bottom and three bands per query, "
         f"{args.top_k} each).\n",
-        f"Target (issue 3): scan ≤ {TARGET}× floor at Q = {TARGET_Q}. Times are the best (min) of "
-        f"{args.repeats} repeat(s) after one warm-up on the first two batches; ratios divide best by best.\n",
+        f"Target (issue 3): scan ≤ {TARGET}× floor at Q = {TARGET_Q}. Each Q runs {args.repeats} round(s) of "
+        "floor → auto scan → forced scans → token pass after one warm-up of each on the first two batches; the "
+        "table shows the best (min) time of each over the rounds and divides it by the best floor of the same "
+        "Q's rounds (the background load changed during the run; every time is listed below).\n",
         results_table(rows),
         "Store memory and the cost model:\n",
         memory_table(rows),
@@ -834,6 +863,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2048,
         help="memory for one QueryStore.build chunk (dense + preconditioned gradients)",
     )
+    p.add_argument("--mem-wait", type=float, default=900,
+                   help="seconds to wait for free memory before skipping a measurement (default 900)")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up (best is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--profile", action="store_true", help="add one instrumented run (stage breakdown)")
@@ -890,8 +921,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         s.fit_s = time.perf_counter() - t0
         log(f"  [{name}] EK-FAC fitted in {s.fit_s:.1f} s")
-        build_store(s, max(args.q), args.rank, args.store_chunk_mib * 2**20)
-        log(f"  [{name}] store for Q={max(args.q)} in {s.store_s:.1f} s: {s.store.memory_report()}")
+        build_store(s, args.rank, args.store_chunk_mib * 2**20)
+        log(f"  [{name}] store of the distinct queries in {s.store_s:.1f} s: {s.store.memory_report()}")
         m = measure(s, args)
         if args.profile and args.profile_q <= max(args.q):
             m.profile, m.profile_layers = profile_setup(s, args.profile_q, args)

@@ -114,3 +114,28 @@ def test_true_fisher_uses_labels_sampled_from_the_model() -> None:
             assert rel_err(curv.layers[name].lam, lam_l) < REL
         empirical = inf.fit_curvature(model, task, train, strategy="diagonal", fisher="empirical", progress=False)
         assert rel_err(empirical.layers[names[0]].lam, curv.layers[names[0]].lam) > 1e-2
+
+
+@pytest.mark.parametrize("tokens_first", [True, False])
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_batched_squared_grads_equal_the_per_example_loop(tokens_first: bool, blocks: int) -> None:
+    """The GPU path of the Λ accumulation (batched matmuls) equals the CPU per-example loop."""
+    from influencer.curvature import linalg
+
+    gen = torch.Generator().manual_seed(7)
+    t = 2 if tokens_first else 40
+    a = torch.randn(5, t, 6, dtype=torch.float64, generator=gen)
+    g = torch.randn(5, t, 4, dtype=torch.float64, generator=gen)
+    assert linalg.rotate_tokens_first(t, 4, 6) == tokens_first
+
+    def basis(d: int) -> list[torch.Tensor]:
+        return [torch.linalg.qr(torch.randn(s, s, dtype=torch.float64, generator=gen))[0]
+                for s in linalg.split_sizes(d, blocks)]
+
+    qs, qa = basis(4), basis(6)
+    for bases in ((qs, qa), (None, None)):
+        loop = torch.zeros(6, 4, dtype=torch.float64)
+        batched = torch.zeros(6, 4, dtype=torch.float64)
+        linalg.accumulate_squared_grads(loop, a, g, *bases, batched=False)
+        linalg.accumulate_squared_grads(batched, a, g, *bases, batched=True)
+        torch.testing.assert_close(batched, loop, rtol=1e-12, atol=1e-12)

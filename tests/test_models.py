@@ -91,6 +91,22 @@ def test_local_folder_without_tokenizer_or_weights(tmp_path):
         load_model(str(folder))
 
 
+def test_load_tokenizer_and_model_folder(tmp_path):
+    folder = _tiny_llama_folder(tmp_path / "tiny")
+    tokenizer = models.load_tokenizer(str(folder))
+    assert tokenizer.pad_token == "</s>" and tokenizer("in the")["input_ids"] == [2, 3]
+    assert models.model_folder(str(folder)) == folder
+    with pytest.raises(ValueError, match="does not exist"):
+        models.load_tokenizer(tmp_path / "missing")
+
+
+def test_folder_that_is_not_a_causal_lm(tmp_path):
+    folder = _tiny_llama_folder(tmp_path / "t5")
+    transformers.T5Config(vocab_size=32, d_model=8, d_ff=16, num_layers=1, num_heads=1).save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"t5.*causal LM failed"):
+        load_model(str(folder))
+
+
 def test_atomic_write_dir_leaves_nothing_on_crash(tmp_path):
     final = tmp_path / "models" / "m"
 

@@ -87,6 +87,12 @@ def test_rank_k_converges_to_full_rank(lm) -> None:
     store = inf.QueryStore.build(model, task, curv, queries, rank=4)
     assert store.nbytes() < store.exact_nbytes()
     assert "at rank 4" in store.memory_report()
+    # built in chunks of 4 queries (bounded memory) == built at once
+    chunked = inf.QueryStore.build(model, task, curv, queries, rank=4, batch_size=4)
+    whole = inf.QueryStore.build(model, task, curv, queries, rank=4, batch_size=6)
+    assert chunked.n_queries == whole.n_queries == 6
+    for name, x in whole.layers.items():
+        torch.testing.assert_close(chunked.layers[name].to_dense(), x.to_dense(), rtol=1e-5, atol=1e-7)
 
 
 def test_layer_and_token_sums_equal_sequence_score(lm) -> None:

@@ -5,10 +5,18 @@
     scores = inf.pairwise_scores(model, inf.Regression(), curv, (Xq, Yq), (X, Y))
 """
 
-from influencer.curvature import STRATEGIES, Curvature, CurvatureMismatchError, LayerFactors, fit_curvature
+from influencer.curvature import (
+    STRATEGIES,
+    Curvature,
+    CurvatureMismatchError,
+    LayerFactors,
+    fit_curvature,
+    fit_partition,
+    merge_fit,
+)
 from influencer.layers import Layer, select_layers
 from influencer.queries import QueryStore, measurement_gradients, preconditioned_queries
-from influencer.scan import Hit, ScanResult, scan
+from influencer.scan import Hit, ScanResult, merge_scans, scan
 from influencer.scores import Scores, pairwise_scores, self_scores
 from influencer.tasks import CausalLM, Classification, Regression, Task
 
@@ -30,7 +38,10 @@ __all__ = [
     "Task",
     "__version__",
     "fit_curvature",
+    "fit_partition",
     "measurement_gradients",
+    "merge_fit",
+    "merge_scans",
     "pairwise_scores",
     "preconditioned_queries",
     "scan",

@@ -92,6 +92,9 @@ class Capture:
                 outputs.append(out)
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
         it = iter(grads)
+        # a batch without padding needs no masking: skip the copies (one check per batch)
+        full = mask is None or bool(mask.all())
+        n_tokens = None if mask is None else int(mask.sum())  # once per batch: a host sync on GPUs
         result = {}
         # layers fed the very same input tensor (e.g. gate_proj and up_proj) share one ā tensor object, so
         # consumers can compute its covariance or rotation once (they test ``a is other.a``)
@@ -102,7 +105,7 @@ class Capture:
                 g = next(it)
                 if g is None:
                     g = torch.zeros_like(out)
-                a, g, m = _per_token(layer, x.detach(), g, mask, batch_size)
+                a, g, m = _per_token(layer, x.detach(), g, mask, full, n_tokens, batch_size)
                 a = shared_inputs.setdefault((id(x), layer.bias), a)
                 a_parts.append(a)
                 g_parts.append(g)
@@ -118,23 +121,27 @@ class Capture:
         return result
 
 
-def _per_token(layer: Layer, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None,
-               batch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Reshape one call's input/grad to [B, T, ·], apply the token mask and append the bias coordinate."""
+def _per_token(layer: Layer, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, full: bool,
+               n_tokens: int | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Reshape one call's input/grad to [B, T, ·], apply the token mask and append the bias coordinate.
+
+    full: the mask is None or all true (nothing to mask). n_tokens: the mask's sum (None without a mask).
+    """
     if x.shape[0] != batch_size:
         raise ValueError(f"layer '{layer.name}' saw an input of shape {tuple(x.shape)} whose first dimension is "
                          f"not the batch size {batch_size}; influencer needs batch-first layers")
     a = x.reshape(batch_size, -1, layer.d_in)
     g = g.reshape(batch_size, -1, layer.d_out)
     t = a.shape[1]
-    if mask is not None and mask.shape[1] == t and mask.shape[0] == batch_size:
+    if full:
+        m = None
+        tokens = batch_size * t
+    elif mask is not None and mask.shape[1] == t and mask.shape[0] == batch_size:
         m = mask.to(device=a.device, dtype=a.dtype).unsqueeze(-1)
         a = a * m
         g = g * m.to(g.dtype)
-        tokens = int(mask.sum())
-    elif mask is None or bool(mask.all()):
-        m = None
-        tokens = batch_size * t
+        assert n_tokens is not None
+        tokens = n_tokens
     else:
         raise ValueError(f"layer '{layer.name}' sees {t} positions per example but the token mask has "
                          f"{mask.shape[1]}; cannot tell padding apart")

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+TMP_MARK = ".tmp-"
+"""Marks temporary siblings of a directory being written (``.<name>.tmp-*``)."""
 
 
 def _atomic_target(path: Path) -> tuple[int, str]:
@@ -42,6 +52,20 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, copying any that share memory with an earlier one (safetensors refuses shared
+    storage; e.g. layers fed the same input share one eigenbasis tensor)."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
+            v = v.clone()
+        if v.numel():
+            seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
+
+
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                         metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors via a temporary sibling and a rename."""
@@ -49,7 +73,7 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
     fd, tmp = _atomic_target(path)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file(_unshared(tensors), tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,3 +84,161 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling of ``final`` with ``write(tmp)`` and rename it into place.
+
+    A crash leaves only a ``.<name>.tmp-*`` sibling, never a partial ``final``. An existing ``final`` is
+    replaced; if another process renamed a folder into place first, that folder is kept.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent))
+    try:
+        write(tmp)
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}{TMP_MARK}old-{os.getpid()}-{time.time_ns()}")
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+            logger.info("Another process wrote %s first; keeping its folder.", final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Run-directory lock
+# --------------------------------------------------------------------------------------------------------
+
+LOCK_NAME = "lock.json"
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_temporaries(directory: str | os.PathLike) -> int:
+    """Delete the temporaries of interrupted atomic writes (``.<name>.<random>.tmp``) under ``directory``; only
+    safe while holding the directory's :class:`RunLock` (no live writer). Returns how many were removed."""
+    removed = 0
+    for p in Path(directory).rglob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class RunLock:
+    """Exclusive lock on a run directory, held for a ``with`` block: ``<dir>/lock.json`` names the holder.
+
+    Two processes cannot write one run directory: the second raises :class:`RunLockedError` naming the holder's
+    pid and host. The lock is an ``flock`` on the file, which the kernel drops when its holder dies (even by
+    SIGKILL), so a stale lock left by a dead process is taken over silently. Acquiring the lock also removes
+    temporaries that interrupted atomic writes left behind. Where the file system offers no
+    ``flock``, the file's existence is the lock and a holder on this host whose pid is gone counts as stale.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, purpose: str = "run"):
+        self.path = Path(directory) / LOCK_NAME
+        self.purpose = purpose
+        self._fd: int | None = None
+        self._exclusive_file = False
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _refuse(self, holder: dict[str, Any]) -> RunLockedError:
+        who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+        what = f" ({holder['purpose']})" if holder.get("purpose") else ""
+        return RunLockedError(
+            f"run directory '{self.path.parent}' is in use by {who}{what} since {holder.get('since', '?')}; "
+            "wait for it to finish, use another directory, or — if that process is gone — delete "
+            f"'{self.path}'")
+
+    def _record(self) -> bytes:
+        import socket
+        import time
+
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return (json.dumps(info) + "\n").encode()
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise self._refuse(self._holder()) from None
+        except OSError:  # no flock on this file system: fall back to an exclusive file + pid check
+            os.close(fd)
+            return self._acquire_by_file()
+        os.ftruncate(fd, 0)
+        os.write(fd, self._record())
+        os.fsync(fd)
+        self._fd = fd
+        remove_temporaries(self.path.parent)
+        return self
+
+    def _acquire_by_file(self) -> RunLock:
+        import socket
+
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                stale = holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0)))
+                if not stale:
+                    raise self._refuse(holder) from None
+                self.path.unlink(missing_ok=True)
+                continue
+            os.write(fd, self._record())
+            os.fsync(fd)
+            os.close(fd)
+            self._exclusive_file = True
+            remove_temporaries(self.path.parent)
+            return self
+        raise self._refuse(self._holder())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+        elif self._exclusive_file:
+            self.path.unlink(missing_ok=True)
+            self._exclusive_file = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

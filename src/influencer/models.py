@@ -16,25 +16,25 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import types
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from influencer.io import TMP_MARK as _TMP_MARK
+from influencer.io import atomic_write_dir as _atomic_write_dir
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["builtin_models", "default_cache_dir", "load_model"]
+__all__ = ["builtin_models", "default_cache_dir", "load_model", "load_tokenizer", "model_folder"]
 
 logger = logging.getLogger(__name__)
 
 _MANIFEST = "influencer_source.json"
-_TMP_MARK = ".tmp-"
 _STALE_TMP_SECONDS = 24 * 3600
 
 
@@ -85,18 +85,31 @@ def load_model(
     The tokenizer always has a pad token (its EOS token when it had none). Raises ``ValueError`` for a path
     that is not a model folder.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dtype = _as_dtype(dtype)
     name = os.fspath(name_or_path)
-    if name.lower() in _BUILTINS:
-        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        folder = _ensure_builtin_cache(name.lower(), root / "models" / name.lower())
-        model, tokenizer = _load_folder(folder, dtype, source=name)
-    else:
-        model, tokenizer = _load_folder(_check_model_folder(name), dtype, source=name)
+    model, tokenizer = _load_folder(model_folder(name, cache_dir=cache_dir), dtype, source=name)
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike[str] = "smollm2-135m", *, cache_dir: str | os.PathLike[str] | None = None
+) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of what :func:`load_model` would load (fast: the weights are not read)."""
+    name = os.fspath(name_or_path)
+    return _load_tokenizer(model_folder(name, cache_dir=cache_dir), source=name)
+
+
+def model_folder(name_or_path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The local folder :func:`load_model` reads: the cache of a built-in model (converted on first use) or
+    the given Hugging Face folder after checking it has a ``config.json`` (``ValueError`` otherwise)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    name = os.fspath(name_or_path)
+    if name.lower() in _BUILTINS:
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        return _ensure_builtin_cache(name.lower(), root / "models" / name.lower())
+    return _check_model_folder(name)
 
 
 # ------------------------------------------------------------------------------------------ local folders
@@ -129,13 +142,19 @@ def _check_model_folder(name: str) -> Path:
     return path
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, *, source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_tokenizer(folder: Path, *, source: str) -> PreTrainedTokenizerBase:
     transformers = _import_transformers()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise _not_a_model(source, f"loading its tokenizer failed ({_one_line(exc)})") from exc
     _ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, *, source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    transformers = _import_transformers()
+    tokenizer = _load_tokenizer(folder, source=source)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
@@ -240,33 +259,6 @@ def _convert_gguf(gguf_path: Path, out: Path, fingerprint: dict[str, object]) ->
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / _MANIFEST).write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
-
-
-def _atomic_write_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling of ``final`` with ``write(tmp)`` and rename it into place.
-
-    A crash leaves only a ``.<name>.tmp-*`` sibling, never a partial ``final``. An existing ``final`` is
-    replaced; if another process renamed a folder into place first, that folder is kept.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP_MARK}", dir=final.parent))
-    try:
-        write(tmp)
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}{_TMP_MARK}old-{os.getpid()}-{time.time_ns()}")
-            os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.exists():
-                raise
-            logger.info("Another process wrote %s first; keeping its folder.", final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove_stale_temps(final: Path) -> None:

@@ -9,15 +9,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from influencer.curvature.core import Curvature
 from influencer.curvature.linalg import per_example_grads
 from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.layers import Layer
-from influencer.passes import batches, compute_dtype, eval_mode, layer_io
+from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
+from influencer.progress import progress_bar
 from influencer.tasks import Task
 
 
+@amp_aware
 def measurement_gradients(model: nn.Module, task: Task, layers: list[Layer], queries: Any, *,
                           batch_size: int = 16, progress: bool = False) -> dict[str, torch.Tensor]:
     """∇_θl f_q for every query and tracked layer: name → [Q, d_out, w] (compute dtype, model device)."""
@@ -34,12 +37,27 @@ def measurement_gradients(model: nn.Module, task: Task, layers: list[Layer], que
     return {name: torch.cat(p) for name, p in parts.items()}
 
 
+@amp_aware
 def preconditioned_queries(model: nn.Module, task: Task, curvature: Curvature, queries: Any, *,
                            batch_size: int = 16, progress: bool = False) -> dict[str, torch.Tensor]:
     """P_l = −(G_l + λ_l)⁻¹ ∇_l f_q: name → [Q, d_out, w]. ⟨P_l, ∇_l L(z)⟩ is the layer's influence on q."""
     layers = curvature.bind(model)
     grads = measurement_gradients(model, task, layers, queries, batch_size=batch_size, progress=progress)
     return {name: -curvature.precondition(name, v) for name, v in grads.items()}
+
+
+def _slice_rows(data: Any, lo: int, hi: int) -> Any:
+    """Rows lo..hi-1 of user query data (a tensor, a dict of per-row tensors/lists, a tuple (X, Y), a list or a
+    Dataset), in the same form."""
+    if isinstance(data, torch.Tensor | list):
+        return data[lo:hi]
+    if isinstance(data, dict):
+        return {k: v[lo:hi] if isinstance(v, torch.Tensor | list) else v for k, v in data.items()}
+    if isinstance(data, tuple):
+        return tuple(_slice_rows(x, lo, hi) for x in data)
+    if isinstance(data, Dataset):
+        return Subset(data, range(lo, hi))
+    raise TypeError(f"cannot split queries of type {type(data).__name__} into chunks")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -121,12 +139,43 @@ class QueryStore:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
+    @amp_aware
     def build(cls, model: nn.Module, task: Task, curvature: Curvature, queries: Any, *, rank: int | None = 32,
               batch_size: int = 16, progress: bool = False) -> QueryStore:
-        """Measurement gradients → preconditioned → rank ``rank`` (None: keep every layer exact)."""
-        precond = preconditioned_queries(model, task, curvature, queries, batch_size=batch_size, progress=progress)
-        return cls.from_preconditioned(precond, rank, meta={"strategy": curvature.strategy,
-                                                            "fingerprint": curvature.fingerprint.get("digest")})
+        """Measurement gradients → preconditioned → rank ``rank`` (None: keep every layer exact).
+
+        Queries are processed ``batch_size`` at a time and compressed before the next chunk, so the dense
+        [Q, d_out, w] gradients of all queries never coexist (peak memory ∝ batch_size, not Q).
+        """
+        n = len(task.as_dataset(queries, queries=True))  # type: ignore[arg-type]
+        if n == 0:
+            raise ValueError("no queries given")
+        parts = []
+        with progress_bar("query gradients", n, unit="query", enabled=progress) as bar:
+            for lo in range(0, n, batch_size):
+                chunk = _slice_rows(queries, lo, min(lo + batch_size, n)) if batch_size < n else queries
+                precond = preconditioned_queries(model, task, curvature, chunk, batch_size=batch_size)
+                parts.append(cls.from_preconditioned(precond, rank))
+                bar.update(min(batch_size, n - lo))
+        return cls.concat(parts, meta={"strategy": curvature.strategy,
+                                       "fingerprint": curvature.fingerprint.get("digest")})
+
+    @classmethod
+    def concat(cls, parts: list[QueryStore], meta: dict[str, Any] | None = None) -> QueryStore:
+        """Stores of disjoint query sets (same layers and rank) → one store, queries in order."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+
+        def cat(name: str, attr: str) -> torch.Tensor | None:
+            ts = [getattr(p.layers[name], attr) for p in parts]
+            return None if ts[0] is None else torch.cat(ts)
+
+        first = parts[0]
+        if any(p.rank != first.rank or list(p.layers) != list(first.layers) for p in parts):
+            raise ValueError("query stores differ in rank or layers")
+        layers = {n: LayerQueries(n, cat(n, "dense"), cat(n, "left"), cat(n, "right")) for n in first.layers}
+        return cls(layers=layers, rank=first.rank, n_queries=sum(p.n_queries for p in parts),
+                   meta=dict(first.meta) if meta is None else meta)
 
     @classmethod
     def from_preconditioned(cls, precond: dict[str, torch.Tensor], rank: int | None = 32,

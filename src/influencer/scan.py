@@ -11,7 +11,9 @@ recorded in ``scan.json``; the same call after an interruption skips finished sh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,10 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from influencer import distributed as dist
 from influencer.curvature.core import Curvature
 from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.layers import Layer
-from influencer.passes import batches, compute_dtype, eval_mode, layer_io
+from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
+from influencer.progress import Bar, progress_bar
 from influencer.queries import LayerQueries, QueryStore
 from influencer.tasks import Task
 
@@ -32,6 +36,8 @@ BANDS = ("lower", "middle", "upper")
 SPURIOUS_RATIO = 2 / 3
 #: extra memory the scan may spend on dense copies of rank-k queries to use the cheaper contraction order
 DEFAULT_DENSE_BUDGET = 1 << 30
+#: working memory for a chunk of materialized per-sequence gradients
+_MATERIALIZE_CHUNK_BYTES = 256 << 20
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -88,9 +94,13 @@ class _LayerScorer:
         if self.mode == "tokens":
             return self.token_scores(a, g).sum(-1)
         assert self.p_flat is not None
-        out = torch.empty(self.q, a.shape[0], dtype=a.dtype, device=a.device)
-        for i in range(a.shape[0]):
-            out[:, i] = self.p_flat @ (a[i].T @ g[i]).reshape(-1)
+        b = a.shape[0]
+        out = torch.empty(self.q, b, dtype=a.dtype, device=a.device)
+        # per-sequence gradients Ĝ_b = ā_bᵀ g_b for a chunk of sequences at once, then one GEMM against all queries
+        chunk = max(1, _MATERIALIZE_CHUNK_BYTES // (self.p_flat.shape[1] * a.element_size()))
+        for i in range(0, b, chunk):
+            grads = torch.bmm(a[i:i + chunk].mT, g[i:i + chunk])  # [b', w, d_out]
+            out[:, i:i + chunk] = self.p_flat @ grads.reshape(grads.shape[0], -1).T
         return out
 
 
@@ -358,41 +368,115 @@ class ScanResult:
 # --------------------------------------------------------------------------------------------------------
 
 
+@amp_aware
 def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train: Any, *,
          store: QueryStore | None = None, rank: int | None = 32, top_k: int = 10, batch_size: int = 16,
          candidates: Sequence[torch.Tensor] | torch.Tensor | None = None, keep_scores: bool = False,
          tokens: bool = True, out_dir: str | os.PathLike | None = None, shard_size: int = 1024,
-         n_train: int | None = None, contraction: str | None = None, dense_budget: int = DEFAULT_DENSE_BUDGET,
-         progress: bool = True) -> ScanResult:
+         data_range: tuple[int, int] | None = None, n_train: int | None = None, contraction: str | None = None,
+         dense_budget: int = DEFAULT_DENSE_BUDGET, progress: bool = True) -> ScanResult:
     """Score every training sequence against every query in one pass; returns a :class:`ScanResult`.
 
     rank: rank of the stored queries (None = exact). top_k: hits kept per query (positive, negative, per band).
     candidates: a prefilter — one index tensor per query (or one shared tensor); other pairs are not scored.
     keep_scores: also keep the full score matrix (in shards when ``out_dir`` is given).
     tokens: run the targeted second pass that splits every top hit over its tokens and layers.
-    out_dir: make the scan resumable (shards + ``scan.json``); the same call continues an interrupted run.
+    out_dir: make the scan resumable (shards + ``scan.json``); the same call continues an interrupted run. A lock
+        file stops a second process from using the same directory.
+    data_range: scan only training sequences [start, stop) — a partition; :func:`merge_scans` combines the
+        partitions of a training set into the result of one scan.
     contraction: force "tokens" or "materialize" (default: the cost model decides per layer).
+
+    Inside a torch.distributed process group rank 0 builds the query store and broadcasts it, the shards are
+    spread over the ranks, and every rank returns the same merged result (rank 0 writes ``out_dir``).
     """
     if top_k < 1:
         raise ValueError(f"top_k must be ≥ 1, got {top_k}")
     if contraction not in (None, "tokens", "materialize"):
         raise ValueError(f"contraction must be None, 'tokens' or 'materialize', got {contraction!r}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
     layers = curvature.bind(model)
     dataset = task.as_dataset(train)
     n = len(dataset)  # type: ignore[arg-type]
+    lo, hi = (0, n) if data_range is None else (int(data_range[0]), int(data_range[1]))
+    if not 0 <= lo < hi <= n:
+        raise ValueError(f"data_range {data_range} is not a non-empty range within the {n} training sequences")
     out = Path(out_dir) if out_dir is not None else None
-    query_digest = _digest(task, queries)
-    if store is None and out is not None and (out / "queries.json").is_file():
-        store = QueryStore.load(out)
-        if store.meta.get("queries") != query_digest:
-            raise ValueError(f"'{out}' holds a scan of other queries; use another out_dir or delete it")
-    if store is None:
-        store = QueryStore.build(model, task, curvature, queries, rank=rank, progress=progress)
-        store.meta["queries"] = query_digest
+    with dist.locked(out, purpose="scan") if out is not None else contextlib.nullcontext():
+        return _scan(model, task, curvature, layers, queries, dataset, store=store, rank=rank, top_k=top_k,
+                     batch_size=batch_size, candidates=candidates, keep_scores=keep_scores, tokens=tokens, out=out,
+                     shard_size=shard_size, data_range=(lo, hi), n_train=n_train, contraction=contraction,
+                     dense_budget=dense_budget, progress=progress)
+
+
+def _resident_store(model: nn.Module, task: Task, curvature: Curvature, queries: Any, store: QueryStore | None,
+                    rank: int | None, out: Path | None, query_digest: str, progress: bool) -> QueryStore:
+    """The query store: given, loaded from the run directory, or built — once, on rank 0, then broadcast."""
+    if store is not None:
+        return store
+
+    def load_or_build() -> QueryStore:
+        if out is not None and (out / "queries.json").is_file():
+            loaded = QueryStore.load(out)
+            if loaded.meta.get("queries") != query_digest:
+                raise ValueError(f"'{out}' holds a scan of other queries; use another out_dir or delete it")
+            return loaded
+        built = QueryStore.build(model, task, curvature, queries, rank=rank, progress=progress)
+        built.meta["queries"] = query_digest
         if out is not None:
-            store.save(out)
+            built.save(out)
+        return built
+
+    local = dist.run_collectively(load_or_build)
+    if dist.world_size() == 1:
+        assert local is not None
+        return local
+    header = dist.broadcast_object(None if local is None else {"rank": local.rank, "n_queries": local.n_queries,
+                                                               "layers": list(local.layers), "meta": local.meta})
+    tensors: dict[str, torch.Tensor] = {}
+    if local is not None:
+        for x in local.layers.values():
+            tensors.update(x.tensors())
+    tensors = dist.broadcast_tensors(tensors if local is not None else None)
+    layers = {name: LayerQueries(name, tensors.get(f"{name}/dense"), tensors.get(f"{name}/left"),
+                                 tensors.get(f"{name}/right")) for name in header["layers"]}
+    return QueryStore(layers=layers, rank=header["rank"], n_queries=header["n_queries"], meta=header["meta"])
+
+
+def _shard_config(path: Path) -> str | None:
+    """The scan-config digest a finished shard file was written under (None if absent or unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("config")
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+def _gather_state(state: _State, q: int, top_k: int, n_layers: int, dtype: torch.dtype) -> _State:
+    """Every rank's state merged in rank order (the same result on every rank); the state itself in one process."""
+    if dist.world_size() == 1:
+        return state
+    merged = _State.empty(q, top_k, n_layers, dtype)
+    for tensors in dist.all_gather_tensors(state.tensors()):
+        merged.merge(_State.from_tensors(tensors))
+    return merged
+
+
+def _scan(model: nn.Module, task: Task, curvature: Curvature, layers: list[Layer], queries: Any, dataset: Any, *,
+          store: QueryStore | None, rank: int | None, top_k: int, batch_size: int,
+          candidates: Sequence[torch.Tensor] | torch.Tensor | None, keep_scores: bool, tokens: bool,
+          out: Path | None, shard_size: int, data_range: tuple[int, int], n_train: int | None,
+          contraction: str | None, dense_budget: int, progress: bool) -> ScanResult:
+    n = len(dataset)
+    query_digest = _digest(task, queries)
+    store = _resident_store(model, task, curvature, queries, store, rank, out, query_digest, progress)
     q = store.n_queries
     allowed_mask, order = _candidates(candidates, q, n)
+    lo, hi = data_range
+    order = order[(order >= lo) & (order < hi)]
     dtype = compute_dtype(model)
     device = next(model.parameters()).device
     t_mean = max(1.0, sum(f.tokens for f in curvature.layers.values()) / max(1, len(curvature.layers))
@@ -405,42 +489,71 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
               "curvature": curvature.fingerprint.get("digest"), "strategy": curvature.strategy,
               "damping": [f.damping for f in curvature.layers.values()],
               "candidates": hashlib.sha256(order.numpy().tobytes()).hexdigest()}
+    if data_range != (0, n):
+        config["data_range"] = list(data_range)
+    config_digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     progress_file = out / "scan.json" if out is not None else None
-    done: set[int] = set()
-    if progress_file is not None and progress_file.is_file():
-        saved = read_json(progress_file)
-        if saved.get("config") != config:
-            raise ValueError(f"'{out}' holds a scan with different settings; use another out_dir or delete it")
-        done = set(saved["done"])
-    shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)] if out else [order]
+
+    world, me = dist.world_size(), dist.rank()
+    if out is not None:
+        shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
+        mine = [s for s in range(len(shards)) if s % world == me]
+    else:  # one shard per rank: a contiguous share of the order
+        shards = [order[slice(*dist.shard_range(0, len(order), rank_=r))] for r in range(world)]
+        mine = [me]
+
+    def open_run() -> list[int]:
+        assert progress_file is not None
+        if progress_file.is_file():
+            saved = read_json(progress_file)
+            if saved.get("config") != config:
+                raise ValueError(f"'{out}' holds a scan with different settings; use another out_dir or delete it")
+            return list(saved["done"])
+        atomic_write_json(progress_file, {"config": config, "done": [], "shards": len(shards)})
+        return []
+
+    listed = set(dist.broadcast_object(dist.run_collectively(open_run))) if out is not None else set()
     state = _State.empty(q, top_k, len(layers), dtype)
-    with eval_mode(model):
-        for s, shard in enumerate(shards):
+    done = sorted(listed)
+    my_total = sum(len(shards[s]) for s in mine)
+    with eval_mode(model), progress_bar("scan", my_total, unit="seq", enabled=progress and dist.is_main()) as bar:
+        for s in mine:
+            shard = shards[s]
             path = out / "shards" / f"{s:06d}.safetensors" if out is not None else None
-            if s in done and path is not None and path.is_file():
+            if path is not None and path.is_file() and (_shard_config(path) == config_digest or s in listed):
                 finished = _State.from_tensors(load_tensors(path))
                 finished.scores = []
                 state.merge(finished)
+                bar.update(len(shard))
                 continue
             shard_state = _scan_shard(model, task, layers, scorers, dataset, shard, allowed_mask, q, top_k, dtype,
-                                      batch_size, keep_scores, progress, f"scan {s + 1}/{len(shards)}")
+                                      batch_size, keep_scores, bar)
             if path is not None and progress_file is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_save_tensors(path, shard_state.tensors())
-                done.add(s)
-                atomic_write_json(progress_file, {"config": config, "done": sorted(done),
-                                                  "shards": len(shards)})
+                atomic_save_tensors(path, shard_state.tensors(), metadata={"config": config_digest})
+                if world == 1:  # in a process group the shard files themselves record progress
+                    done = sorted({*done, s})
+                    atomic_write_json(progress_file, {"config": config, "done": done, "shards": len(shards)})
                 shard_state.scores = []  # full scores stay on disk, in the shard files
             state.merge(shard_state)
+    state = _gather_state(state, q, top_k, len(layers), dtype)
     result = ScanResult(state, [x.name for x in layers], curvature.n_train if n_train is None else int(n_train),
                         len(order), meta={"rank": store.rank, "modes": modes, "n_dataset": n,
                                           "prefiltered": candidates is not None, "keep_scores": keep_scores,
-                                          "store": store.memory_report()})
+                                          "store": store.memory_report(), "query_digest": query_digest,
+                                          "top_k": top_k, "data_range": list(data_range)})
     result.directory = out
     if tokens:
-        attribute_tokens(model, task, store, layers, dataset, result, batch_size=batch_size)
-    if out is not None:
-        result.save(out)
+        attribute_tokens(model, task, store, layers, dataset, result, batch_size=batch_size,
+                         progress=progress and dist.is_main())
+    if out is not None and progress_file is not None:
+        n_shards = len(shards)
+
+        def commit() -> None:
+            atomic_write_json(progress_file, {"config": config, "done": list(range(n_shards)), "shards": n_shards})
+            result.save(out)
+
+        dist.run_collectively(commit)
     return result
 
 
@@ -487,20 +600,23 @@ class _Subset:
 
 def _scan_shard(model: nn.Module, task: Task, layers: list[Layer], scorers: list[_LayerScorer], dataset: Any,
                 shard: torch.Tensor, allowed: torch.Tensor | None, q: int, top_k: int, dtype: torch.dtype,
-                batch_size: int, keep_scores: bool, progress: bool, desc: str) -> _State:
+                batch_size: int, keep_scores: bool, bar: Bar) -> _State:
     state = _State.empty(q, top_k, len(layers), dtype)
     subset = _Subset(dataset, shard)
-    for local, batch in batches(subset, task, batch_size, desc=desc, progress=progress):
+    for local, batch in batches(subset, task, batch_size, desc="scan", progress=False):
         idx = shard[local]
         io = layer_io(model, task, layers, batch, idx, loss="train")
-        per_layer = torch.stack([s.scores(io[s.layer.name].a.to(dtype), io[s.layer.name].g.to(dtype)).cpu()
-                                 for s in scorers])
+        # one device → host copy per batch (a sync per layer would stall a GPU)
+        per_layer = torch.stack([s.scores(io[s.layer.name].a.to(dtype), io[s.layer.name].g.to(dtype))
+                                 for s in scorers]).cpu()
         state.update(idx, per_layer, None if allowed is None else allowed[:, idx], keep_scores)
+        bar.update(len(idx))
     return state
 
 
+@amp_aware
 def attribute_tokens(model: nn.Module, task: Task, store: QueryStore, layers: list[Layer], dataset: Any,
-                     result: ScanResult, *, batch_size: int = 16) -> None:
+                     result: ScanResult, *, batch_size: int = 16, progress: bool = False) -> None:
     """Targeted second pass over the hits: per hit the layer × token matrix [L, T] (Σ = the hit's score).
 
     Fills ``result.token_scores`` for every hit in the top, bottom and band lists. Memory grows with the
@@ -519,9 +635,11 @@ def attribute_tokens(model: nn.Module, task: Task, store: QueryStore, layers: li
     device = next(model.parameters()).device
     scorers = [_LayerScorer(x, store.layers[x.name], "tokens", dtype, device) for x in layers]
     order = torch.tensor(sorted(wanted))
+    order = order[slice(*dist.shard_range(0, len(order)))]  # in a process group each rank does a share
     subset = _Subset(dataset, order)
+    found: dict[tuple[int, int], torch.Tensor] = {}
     with eval_mode(model):
-        for local, batch in batches(subset, task, batch_size, desc="token attribution", progress=False):
+        for local, batch in batches(subset, task, batch_size, desc="token attribution", progress=progress):
             idx = order[local]
             mask = task.token_mask(task.to(batch, device))
             io = layer_io(model, task, layers, batch, idx, loss="train")
@@ -529,9 +647,70 @@ def attribute_tokens(model: nn.Module, task: Task, store: QueryStore, layers: li
             for s in scorers:
                 x = io[s.layer.name]
                 ts = s.token_scores(x.a.to(dtype), x.g.to(dtype))  # [Q, B, uses·T]
-                per.append(ts.view(ts.shape[0], ts.shape[1], x.uses, -1).sum(2).cpu())
-            per_layer = torch.stack(per, 1)  # [Q, L, B, T]
+                per.append(ts.view(ts.shape[0], ts.shape[1], x.uses, -1).sum(2))
+            per_layer = torch.stack(per, 1).cpu()  # [Q, L, B, T]
             for j, i in enumerate(idx.tolist()):
                 length = int(mask[j].sum()) if mask is not None else per_layer.shape[-1]
                 for qi in wanted[i]:
-                    result.token_scores[(qi, i)] = per_layer[qi, :, j, :length].clone()
+                    found[(qi, i)] = per_layer[qi, :, j, :length].clone()
+    if dist.world_size() > 1:
+        for part in dist.all_gather_tensors({f"{qi}/{i}": v for (qi, i), v in found.items()}):
+            for key, v in part.items():
+                qi, i = map(int, key.split("/"))
+                found[(qi, i)] = v
+    result.token_scores.update(found)
+
+
+def merge_scans(paths: Sequence[str | os.PathLike]) -> ScanResult:
+    """Combine the saved results of scans over disjoint data ranges (``scan(..., data_range=..., out_dir=...)``)
+    of one query set into the result of a single scan: top-k ± and bands merged, totals added, token
+    attributions of the surviving hits kept, full scores (if kept) joined.
+
+    Exact, because a sequence in the overall top-k is in its own partition's top-k. Partitions must share
+    queries, layers, rank, top_k, keep_scores and the training set size.
+    """
+    if not paths:
+        raise ValueError("merge_scans needs at least one scan result")
+    parts = []
+    for p in paths:
+        path = Path(p)
+        if not (path / "result.json").is_file():
+            raise FileNotFoundError(f"no finished scan at '{path}' (expected result.json); run the scan (again) to "
+                                    "finish it")
+        parts.append(ScanResult.load(path))
+    first = parts[0]
+    for r in parts[1:]:
+        for key in ("query_digest", "n_dataset", "rank", "top_k", "keep_scores"):
+            if r.meta.get(key) != first.meta.get(key):
+                raise ValueError(f"scans '{first.directory}' and '{r.directory}' differ in {key} "
+                                 f"({first.meta.get(key)!r} vs {r.meta.get(key)!r}); they are not parts of one scan")
+        if r.layer_names != first.layer_names:
+            raise ValueError(f"scans '{first.directory}' and '{r.directory}' track different layers")
+    n = first.meta.get("n_dataset", first.n_scanned)
+    parts.sort(key=lambda r: tuple(r.meta.get("data_range", (0, n))))
+    end = 0
+    for r in parts:
+        lo, hi = r.meta.get("data_range", (0, n))
+        if lo < end:
+            raise ValueError(f"scan '{r.directory}' covers sequences from {lo}, which an earlier part already "
+                             f"covers (up to {end}); each sequence must be scanned once")
+        end = hi
+    q, k = first.state.top.values.shape
+    state = _State.empty(q, k, len(first.layer_names), first.state.top.values.dtype)
+    tokens: dict[tuple[int, int], torch.Tensor] = {}
+    for r in parts:
+        chunks = list(r.state.scores)
+        if first.meta.get("keep_scores") and not chunks and r.directory is not None:
+            for path in sorted((r.directory / "shards").glob("*.safetensors")):
+                t = load_tensors(path)
+                chunks.append((t["scores/indices"], t["scores/values"]))
+        r.state.scores = chunks
+        state.merge(r.state)
+        tokens.update(r.token_scores)
+    hits = {(qi, int(i)) for top in (state.top, state.bottom, *state.bands.values())
+            for qi in range(q) for i in top.indices[qi].tolist() if i >= 0}
+    ranges = [r.meta.get("data_range", [0, n]) for r in parts]
+    meta = {**first.meta, "data_range": [ranges[0][0], ranges[-1][1]], "partitions": ranges,
+            "modes": [r.meta.get("modes") for r in parts]}
+    return ScanResult(state, first.layer_names, first.n_train, sum(r.n_scanned for r in parts),
+                      {key: v for key, v in tokens.items() if key in hits}, meta)

@@ -18,7 +18,7 @@ from torch import nn
 from influencer.curvature.core import Curvature
 from influencer.curvature.linalg import chunk_rows, per_example_grads
 from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
-from influencer.passes import batches, compute_dtype, eval_mode, layer_io
+from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
 from influencer.queries import preconditioned_queries
 from influencer.tasks import Task
 
@@ -79,6 +79,7 @@ class Scores:
                    n_train=m["n_train"], strategy=m["strategy"], meta=m.get("meta", {}))
 
 
+@amp_aware
 def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train: Any, *,
                     batch_size: int = 64, query_batch_size: int = 16, per_layer: bool = True,
                     n_train: int | None = None, progress: bool = True) -> Scores:
@@ -106,6 +107,7 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
                   n_train=curvature.n_train if n_train is None else int(n_train), strategy=curvature.strategy)
 
 
+@amp_aware
 def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, *, batch_size: int = 64,
                 progress: bool = True) -> torch.Tensor:
     """Self-influence ∇L(z)ᵀ (G + λ)⁻¹ ∇L(z) for each training example (≥ 0): [N].

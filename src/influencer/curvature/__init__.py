@@ -8,7 +8,7 @@ from influencer.curvature.core import (
     LayerFactors,
     model_fingerprint,
 )
-from influencer.curvature.fit import fit_curvature
+from influencer.curvature.fit import fit_curvature, fit_partition, merge_fit
 
 __all__ = [
     "FISHERS",
@@ -17,5 +17,7 @@ __all__ = [
     "CurvatureMismatchError",
     "LayerFactors",
     "fit_curvature",
+    "fit_partition",
+    "merge_fit",
     "model_fingerprint",
 ]

@@ -100,7 +100,10 @@ class Curvature:
     def inverse_diagonal(self, name: str, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
         """1 / (Λ + λ) for one layer, computed in float64 and cast to ``dtype``: [d_out, w]."""
         f = self.layers[name]
-        assert f.lam is not None
+        if f.lam is None:
+            raise ValueError(f"layer '{name}' has eigenbases but no eigenvalues Λ yet (the first stage of an EK-FAC "
+                             "fit by partitions): run fit_partition(..., basis=this) over the data and merge_fit "
+                             "the results to finish it")
         inv = 1.0 / (f.lam.to(torch.float64) + f.damping)
         return inv.to(device=device or f.lam.device, dtype=dtype)
 
@@ -156,6 +159,11 @@ class Curvature:
     @property
     def layer_names(self) -> list[str]:
         return list(self.layers)
+
+    @property
+    def complete(self) -> bool:
+        """False for the eigenbases-only result of the first stage of an EK-FAC fit by partitions."""
+        return self.strategy == "identity" or all(f.lam is not None for f in self.layers.values())
 
     # --- model binding -------------------------------------------------------------------------------
     def bind(self, model: nn.Module, *, check_weights: bool = True) -> list[Layer]:
@@ -273,20 +281,29 @@ def resolve_damping(strategy: str, lam: torch.Tensor | None, damping: float | No
     return value if value > 0 else 1e-12
 
 
-def model_fingerprint(layers: list[Layer]) -> dict[str, Any]:
-    """Layer names/shapes and a digest of a strided sample of each tracked weight (rounded to bfloat16, so
-    float32/bfloat16/float64 copies of the same weights agree)."""
+def weight_sample(layer: Layer) -> torch.Tensor:
+    """A strided sample (≤ 4096 values) of a tracked weight in [d_out, d_in] orientation, rounded to bfloat16 (so
+    float32/bfloat16/float64 copies of the same weights agree); the input of :func:`model_fingerprint`."""
+    w = layer.module.weight.detach()
+    if layer.kind == "conv1d":
+        w = w.T
+    flat = w.reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    return flat[::step][:4096].to(torch.bfloat16).to(torch.float32).cpu().contiguous()
+
+
+def fingerprint_from_samples(shapes: dict[str, list], samples: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The fingerprint of layers given their shapes [d_out, d_in, bias] and weight samples, in ``shapes`` order
+    (lets a merge of partitions fitted on layer groups rebuild the fingerprint of a single fit)."""
     h = hashlib.sha256()
-    shapes = {}
-    for layer in layers:
-        w = layer.module.weight.detach()
-        if layer.kind == "conv1d":
-            w = w.T
-        flat = w.reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step][:4096].to(torch.bfloat16).to(torch.float32).cpu().contiguous()
-        h.update(layer.name.encode())
-        h.update(str((layer.d_out, layer.d_in, layer.bias)).encode())
-        h.update(sample.numpy().tobytes())
-        shapes[layer.name] = [layer.d_out, layer.d_in, layer.bias]
-    return {"digest": h.hexdigest(), "layers": shapes}
+    for name, (d_out, d_in, bias) in shapes.items():
+        h.update(name.encode())
+        h.update(str((d_out, d_in, bias)).encode())
+        h.update(samples[name].numpy().tobytes())
+    return {"digest": h.hexdigest(), "layers": {n: list(v) for n, v in shapes.items()}}
+
+
+def model_fingerprint(layers: list[Layer]) -> dict[str, Any]:
+    """Layer names/shapes and a digest of a strided sample of each tracked weight (see :func:`weight_sample`)."""
+    shapes = {x.name: [x.d_out, x.d_in, x.bias] for x in layers}
+    return fingerprint_from_samples(shapes, {x.name: weight_sample(x) for x in layers})

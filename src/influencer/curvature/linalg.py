@@ -83,18 +83,27 @@ def rotate_tokens_first(t: int, d_out: int, w: int) -> bool:
 
 def accumulate_squared_grads(acc_t: torch.Tensor, a: torch.Tensor, g: torch.Tensor,
                              qs: list[torch.Tensor] | None = None, qa: list[torch.Tensor] | None = None,
-                             rotated_a: torch.Tensor | None = None) -> None:
+                             rotated_a: torch.Tensor | None = None, batched: bool | None = None) -> None:
     """acc_t [w, d_out] += Σ_n (Q_Sᵀ Ĝ_n Q_A)ᵀ⊙² for a [B, T, w], g [B, T, d_out] (no basis: Σ_n Ĝ_nᵀ⊙²).
 
     Works in the transposed [w, d_out] layout with one matmul and one fused multiply-add per example: the
     [w, d_out] product stays in cache, about 3× faster than a batched matmul followed by square-and-sum.
     Rotation order follows :func:`rotate_tokens_first`; ``rotated_a`` may pass a precomputed ā Q_A.
+    batched: batched matmuls over chunks of examples instead (default: on CUDA, where launches dominate).
     """
     rotated = qs is not None and qa is not None
     tokens_first = rotated and rotate_tokens_first(a.shape[1], g.shape[2], a.shape[2])
     if tokens_first:
         a = rotated_a if rotated_a is not None else rotate(a, qa)  # type: ignore[arg-type]
         g = rotate(g, qs)  # type: ignore[arg-type]
+    if a.is_cuda if batched is None else batched:
+        step = chunk_rows(a.shape[0], g.shape[2], a.shape[2])
+        for lo in range(0, a.shape[0], step):
+            x = torch.bmm(a[lo:lo + step].mT, g[lo:lo + step])  # [b, w, d_out]
+            if rotated and not tokens_first:
+                x = to_eigenbasis(x.mT, qs, qa).mT  # type: ignore[arg-type]
+            acc_t.add_(x.square_().sum(0))
+        return
     for b in range(a.shape[0]):
         x = a[b].T @ g[b]
         if rotated and not tokens_first:

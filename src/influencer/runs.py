@@ -1,0 +1,158 @@
+"""Run directories: what ``influencer fit`` writes and ``scan`` / ``report`` read.
+
+::
+
+    RUN_DIR/
+      run.json              model source, data source and settings, sizes, versions, stage timings
+      curvature/            Curvature.save: manifest.json + factors.safetensors
+      scan/                 ScanResult.save + the scan's query store and shards, request.json (queries, settings)
+      scan.partial/         an unfinished (resumable) scan; renamed to scan/ when complete
+      report.html           influencer report
+
+Every write is atomic: a fit fills a temporary sibling folder and renames it into place; a scan is renamed from
+``scan.partial`` only when complete. Nothing is written before the inputs have been checked.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from influencer.io import TMP_MARK, atomic_write_dir, read_json
+
+__all__ = [
+    "CURVATURE",
+    "REPORT",
+    "RUN_FILE",
+    "SCAN",
+    "SCAN_PARTIAL",
+    "SCAN_REQUEST",
+    "RunDirError",
+    "check_fit_target",
+    "check_scan_target",
+    "publish_scan",
+    "read_run",
+    "read_scan_request",
+    "versions",
+    "write_fit",
+]
+
+RUN_FILE = "run.json"
+CURVATURE = "curvature"
+SCAN = "scan"
+SCAN_PARTIAL = "scan.partial"
+SCAN_REQUEST = "request.json"
+REPORT = "report.html"
+FORMAT = "influencer.run"
+VERSION = 1
+
+
+class RunDirError(ValueError):
+    """A run directory that is missing, incomplete, or would be overwritten."""
+
+
+def _holds_fit(path: Path) -> bool:
+    return (path / RUN_FILE).exists() or (path / CURVATURE).exists()
+
+
+def check_fit_target(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Check that a fit may be written to ``path``: absent, empty, or (with ``overwrite``) an earlier fit."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise RunDirError(f"{p} is a file; choose a directory for the run")
+    if p.is_dir():
+        if _holds_fit(p):
+            if not overwrite:
+                raise RunDirError(f"{p} already holds a fit; pass --overwrite to replace it (with its scans and "
+                                  "report) or choose another directory")
+        elif any(p.iterdir()):
+            raise RunDirError(f"{p} exists and is not an influencer run directory; choose another directory")
+    return p
+
+
+def write_fit(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Create the run directory atomically: ``write(tmp)`` fills a temporary sibling that replaces ``path``."""
+    p = Path(path).expanduser()
+    atomic_write_dir(p, write)
+    return p
+
+
+def read_run(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run record ``run.json`` of a run directory (RunDirError when there is none)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise RunDirError(f"{p}: no such run directory; create one with: influencer fit MODEL DATA --out {p}")
+    if not (p / RUN_FILE).is_file() or not (p / CURVATURE).is_dir():
+        raise RunDirError(f"{p} is not a complete run directory (no {RUN_FILE} or {CURVATURE}/); "
+                          "create one with influencer fit")
+    try:
+        record = read_json(p / RUN_FILE)
+    except ValueError as exc:
+        raise RunDirError(f"{p / RUN_FILE}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise RunDirError(f"{p / RUN_FILE} is not an influencer run record")
+    if record.get("version", 0) > VERSION:
+        raise RunDirError(f"{p} was written by a newer influencer (run format {record['version']}); upgrade")
+    return record
+
+
+def check_scan_target(run: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Check that a scan may be written into ``run``; with ``overwrite`` an unfinished scan is discarded.
+
+    Returns the folder the scan writes to (``scan.partial``; an interrupted scan of the same queries and
+    settings there resumes).
+    """
+    p = Path(run).expanduser()
+    if (p / SCAN).exists() and not overwrite:
+        raise RunDirError(f"{p / SCAN} already holds a scan; pass --overwrite to replace it")
+    partial = p / SCAN_PARTIAL
+    if overwrite and partial.exists():
+        shutil.rmtree(partial)
+    return partial
+
+
+def publish_scan(run: str | os.PathLike[str]) -> Path:
+    """Rename the finished ``scan.partial`` to ``scan`` (replacing an older scan)."""
+    p = Path(run).expanduser()
+    final, partial = p / SCAN, p / SCAN_PARTIAL
+    old = None
+    if final.exists():
+        old = p / f".{SCAN}{TMP_MARK}old-{os.getpid()}-{time.time_ns()}"
+        os.replace(final, old)
+    os.replace(partial, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_scan_request(run: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``request.json`` of the run's finished scan (RunDirError when there is no scan)."""
+    p = Path(run).expanduser()
+    path = p / SCAN / SCAN_REQUEST
+    if not path.is_file():
+        hint = " (an unfinished one is in scan.partial: run the same scan again to finish it)" if (
+            p / SCAN_PARTIAL).exists() else ""
+        raise RunDirError(f"{p} has no finished scan{hint}; run: influencer scan {p} --queries Q.jsonl")
+    return read_json(path)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the packages that shape the numbers."""
+    import importlib.metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("influencer", "torch", "transformers", "tokenizers", "safetensors", "numpy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if "influencer" not in out:
+        from influencer import __version__
+
+        out["influencer"] = __version__
+    return out

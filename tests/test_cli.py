@@ -1,0 +1,549 @@
+"""The command line end to end on a tiny local Hugging Face model: fit → scan → report, and every error path.
+
+The model is a random tiny Llama saved with ``save_pretrained`` next to a byte-level BPE tokenizer trained offline
+(tests/tiny_hf.py), i.e. exactly what a user's local model folder looks like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+typer_testing = pytest.importorskip("typer.testing")
+
+from tiny_hf import byte_bpe_tokenizer, tiny_model_folder  # noqa: E402
+
+import influencer as inf  # noqa: E402
+from influencer.cli import app  # noqa: E402
+from influencer.data import kjv_verses  # noqa: E402
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+QUERIES = [
+    {"prompt": "In the beginning God created", "completion": " the heaven and the earth."},
+    {"prompt": "And God said,", "completion": " Let there be light."},
+]
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def invoke(*args: object, env: dict[str, str] | None = None):
+    runner = typer_testing.CliRunner(env={"COLUMNS": "200", **(env or {})})
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok(result) -> str:
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result.output
+
+
+def error_line(result, code: int = 1) -> str:
+    """The command failed with exactly one line on stderr, ``error: ...``, and no traceback."""
+    assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}"
+    stderr = getattr(result, "stderr", result.output)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones too) → sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
+    """A tiny model folder (and a different one), training data, queries, and one fitted run (via a subprocess)."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = byte_bpe_tokenizer([v["text"] for v in kjv_verses(200)])
+    model = tiny_model_folder(root / "tiny", tokenizer=tok)
+    other = tiny_model_folder(root / "other", tokenizer=tok, seed=1)
+    verses = kjv_verses(24)
+    train = _jsonl(root / "train.jsonl", [{"text": v["text"], "citation": v["citation"]} for v in verses])
+    queries = _jsonl(root / "q.jsonl", QUERIES)
+    run = root / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "influencer", "fit", str(model), str(train), "--out", str(run),
+                           "--batch-size", "8", "--seed", "3"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return types.SimpleNamespace(root=root, tok=tok, model=model, other=other, train=train, queries=queries,
+                                 run=run, fit_stdout=proc.stdout, fit_stderr=proc.stderr, env=env)
+
+
+# ------------------------------------------------------------------------------------------------------ help
+
+
+def test_help_lists_every_command_and_option():
+    out = ok(invoke("--help"))
+    for command in ("fit", "scan", "report", "demo", "validate"):
+        assert command in out
+    fit_help = ok(invoke("fit", "--help"))
+    for option in ("--out", "--layers", "--strategy", "--fisher", "--damping", "--blocks", "--sequences",
+                   "--batch-size", "--max-length", "--packing", "--truncation", "--device", "--dtype", "--overwrite",
+                   "--format", "--field", "--text-unit", "--split"):
+        assert option in fit_help, option
+    scan_help = ok(invoke("scan", "--help"))
+    for option in ("--queries", "--prompt", "--completion", "--rank", "--top-k", "--prefilter", "--per-layer",
+                   "--tokens", "--chat-template", "--query-truncation", "--data", "--overwrite"):
+        assert option in scan_help, option
+    for command in ("report", "demo", "validate"):
+        ok(invoke(command, "--help"))
+    assert re.search(r"influencer \d", ok(invoke("--version")))
+
+
+def test_readme_command_line_section_is_accurate():
+    """Every option the README's command-line section shows exists in that command's --help."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"^influencer (\w+)(.*)$", "\n".join(re.findall(r"```bash\n(.*?)```", section, re.S)),
+                          re.M)
+    assert {c for c, _ in commands} >= {"fit", "scan", "report"}
+    for command, rest in commands:
+        helptext = ok(invoke(command, "--help"))
+        for option in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", rest):
+            assert option in helptext, f"README shows influencer {command} {option}, which --help does not list"
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+def test_fit_writes_a_run_directory(ws):
+    run = ws.run
+    assert (run / "run.json").is_file()
+    assert (run / "curvature" / "manifest.json").is_file() and (run / "curvature" / "factors.safetensors").is_file()
+    record = json.loads((run / "run.json").read_text())
+    assert record["format"] == "influencer.run"
+    assert record["model"]["source"] == str(ws.model.resolve()) and record["model"]["class"] == "LlamaForCausalLM"
+    assert record["data"]["source"] == str(ws.train.resolve()) and record["data"]["format"] == "jsonl"
+    assert record["data"]["report"]["sequences"] == 24 and record["data"]["report"]["truncated"] == 0
+    assert record["fit"]["strategy"] == "ekfac" and record["fit"]["seed"] == 3
+    assert record["fit"]["tracked_layers"] == [f"model.layers.{i}.mlp.{p}_proj" for i in range(2)
+                                               for p in ("gate", "up", "down")]
+    assert {"torch", "transformers", "influencer", "python"} <= set(record["versions"])
+    assert {"load model", "read data", "tokenize", "fit", "fit/covariance", "fit/eigendecomposition",
+            "fit/eigenvalue correction"} <= set(record["timings"])
+    assert "fit timings" in ws.fit_stdout and "eigenvalue correction" in ws.fit_stdout
+    assert "24 documents → 24 sequences" in ws.fit_stdout
+    assert "Traceback" not in ws.fit_stderr and "Loading weights" not in ws.fit_stderr
+    assert not [p.name for p in run.parent.iterdir() if ".tmp-" in p.name]  # no temporary folder left
+
+
+def test_scan_matches_the_library_and_prints_hits(ws, tmp_path):
+    run = tmp_path / "run"
+    _copy(ws.run, run)
+    out = ok(invoke("scan", run, "--queries", ws.queries, "--rank", "0", "--top-k", "5", "--per-layer",
+                    "--keep-scores"))
+    for piece in ("Query 1", "In the beginning God created", "Query 2", "train.jsonl:", "scan timings",
+                  "query gradients", "token attribution", "per copy = influence / N with N = 24", "up_proj"):
+        assert piece in out, piece
+    assert (run / "scan" / "result.json").is_file() and not (run / "scan.partial").exists()
+    request = json.loads((run / "scan" / "request.json").read_text())
+    assert [q["prompt"] for q in request["queries"]] == [q["prompt"] for q in QUERIES]
+    assert request["settings"]["rank"] is None and request["data"]["digest"]
+
+    # the same numbers as the library, computed directly
+    result = inf.ScanResult.load(run / "scan")
+    model, tok = inf_models_load(ws.model)
+    curv = inf.Curvature.load(run / "curvature", model)
+    train = _train_batch(tok)
+    queries = inf_queries(tok)
+    task = inf.CausalLM(pad_token_id=tok.pad_token_id)
+    exact = inf.pairwise_scores(model, task, curv, queries, train, batch_size=8, progress=False).total
+    torch.testing.assert_close(result.scores, exact, rtol=1e-4, atol=1e-4)
+    for q in range(2):
+        top = [h.index for h in result.top(q, 5)]
+        assert top == exact[q].argsort(descending=True)[:5].tolist()
+        hit = result.top(q, 1)[0]
+        assert hit.tokens is not None and abs(float(hit.tokens.sum()) - hit.score) < 1e-3 * max(1, abs(hit.score))
+
+
+def test_scan_with_flags_prefilter_and_chat_template(ws, tmp_path):
+    run = tmp_path / "run"
+    _copy(ws.run, run)
+    out = ok(invoke("scan", run, "-p", "And God said,", "-c", " Let there be light.", "--prefilter", "6",
+                    "--chat-template", "--system", "Be brief.", "--no-tokens", "--show", "3"))
+    assert "chat template applied" in out and "scanned 6 sequences" in out
+    request = json.loads((run / "scan" / "request.json").read_text())
+    assert request["settings"]["prefilter"] == 6 and request["chat_template"] is True
+    assert request["queries"][0]["source"] == "--prompt 1"
+    # a second scan needs --overwrite, then replaces the first one
+    line = error_line(invoke("scan", run, "--queries", ws.queries))
+    assert "already holds a scan" in line and "--overwrite" in line
+    ok(invoke("scan", run, "--queries", ws.queries, "--overwrite", "--no-tokens"))
+    assert len(json.loads((run / "scan" / "request.json").read_text())["queries"]) == 2
+
+
+def test_scan_of_other_data_with_packing(ws, tmp_path):
+    run = tmp_path / "run"
+    _copy(ws.run, run)
+    text = ws.root / "more.txt"
+    text.write_text("\n".join(v["text"] for v in kjv_verses(10, start=30)) + "\n", encoding="utf-8")
+    out = ok(invoke("scan", run, "--queries", ws.queries, "--data", text, "--packing", "--max-length", "32",
+                    "--no-tokens"))
+    assert "packed into 32-token sequences" in out and "more.txt:" in out
+    data = json.loads((run / "scan" / "request.json").read_text())["data"]
+    assert data["format"] == "text" and data["packing"] is True and data["report"]["packing"] is True
+
+
+def test_fit_options_packing_and_strategy(ws, tmp_path):
+    run = tmp_path / "packed"
+    out = ok(invoke("fit", ws.model, ws.train, "--out", run, "--packing", "--max-length", "24", "--strategy", "kfac",
+                    "--layers", r"layers\.1\.mlp\.(up|down)_proj", "--sequences", "5", "--damping", "0.01",
+                    "--n-train", "1000", "--device", "cpu", "--dtype", "float64"))
+    assert "5 sequences (packed into 24-token sequences)" in out
+    record = json.loads((run / "run.json").read_text())
+    assert record["fit"]["tracked_layers"] == ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    curv = inf.Curvature.load(run / "curvature")
+    assert (curv.strategy, curv.n_fit, curv.n_train) == ("kfac", 5, 1000)
+    assert all(f.damping == 0.01 for f in curv.layers.values())
+
+
+def test_truncation_is_reported(ws, tmp_path):
+    out = ok(invoke("fit", ws.model, ws.train, "--out", tmp_path / "run", "--max-length", "16"))
+    assert re.search(r"\d+ sequences longer than 16 tokens lost their end", out)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["data"]["report"]["truncated"] > 0
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def test_report_with_the_real_module(ws, tmp_path):
+    pytest.importorskip("influencer.report", reason="influencer.report (the report helper's module) is not on "
+                                                    "this branch yet")
+    run = tmp_path / "run"
+    _copy(ws.run, run)
+    ok(invoke("scan", run, "--queries", ws.queries))
+    out = ok(invoke("report", run))
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert "wrote" in out and "In the beginning God created" in html
+
+
+def test_report_calls_write_report_with_the_documented_arguments(ws, tmp_path, monkeypatch):
+    calls = []
+
+    def write_report(result, path, *, queries, train_tokens, train_text=None, title="influencer report", top=10,
+                     notes=()):
+        calls.append({"result": result, "queries": queries, "tokens": train_tokens(0), "text": train_text(0),
+                      "title": title, "top": top, "notes": list(notes)})
+        Path(path).write_text("<html>report</html>", encoding="utf-8")
+        return Path(path)
+
+    fake = types.ModuleType("influencer.report")
+    fake.write_report = write_report  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "influencer.report", fake)
+    run = tmp_path / "run"
+    _copy(ws.run, run)
+    ok(invoke("scan", run, "--queries", ws.queries, "--no-tokens"))
+    ok(invoke("report", run, "--out", tmp_path / "out" / "r.html", "--top", "4", "--title", "T"))
+    assert (tmp_path / "out" / "r.html").read_text() == "<html>report</html>"
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name != "r.html"]  # the temporary file is gone
+    (call,) = calls
+    assert isinstance(call["result"], inf.ScanResult) and call["title"] == "T" and call["top"] == 4
+    assert [(q["prompt"], q["completion"]) for q in call["queries"]] == [(q["prompt"], q["completion"])
+                                                                         for q in QUERIES]
+    first = kjv_verses(1)[0]["text"]
+    assert "".join(call["tokens"]) == first and call["text"].endswith(first)
+    assert any("ekfac" in n for n in call["notes"])
+
+
+def test_demo_writes_a_report_when_the_module_exists(ws, tmp_path, monkeypatch):
+    from influencer import demo
+
+    model, tok = inf_models_load(ws.model)
+    task = inf.CausalLM(pad_token_id=tok.pad_token_id)
+    train = _train_batch(tok)
+    curv = inf.fit_curvature(model, task, train, batch_size=8, progress=False)
+    result = inf.scan(model, task, curv, inf_queries(tok), train, batch_size=8, progress=False)
+    verses = kjv_verses(24)
+    monkeypatch.setitem(sys.modules, "influencer.report", None)
+    assert demo._write_report(result, tok, train, verses, tmp_path / "r.html", top=3, n_fit=len(verses)) is None
+    seen = {}
+
+    def write_report(result, path, **kwargs):
+        seen.update(kwargs, text=kwargs["train_text"](0), tokens=kwargs["train_tokens"](0))
+        Path(path).write_text("ok")
+        return Path(path)
+
+    fake = types.ModuleType("influencer.report")
+    fake.write_report = write_report  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "influencer.report", fake)
+    assert demo._write_report(result, tok, train, verses, tmp_path / "d" / "r.html", top=3,
+                             n_fit=len(verses)) == tmp_path / "d" / "r.html"
+    assert seen["text"] == f"Genesis 1:1: {verses[0]['text']}" and "".join(seen["tokens"]) == verses[0]["text"]
+    assert [q["completion"] for q in seen["queries"]] == [c for _, c, _ in demo.QUERIES] and seen["top"] == 3
+
+
+def test_report_without_the_module_or_scan(ws, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _copy(ws.run, run)
+    monkeypatch.setitem(sys.modules, "influencer.report", None)  # import fails as if the module were absent
+    assert "no report module" in error_line(invoke("report", run))
+    monkeypatch.delitem(sys.modules, "influencer.report")
+    fake = types.ModuleType("influencer.report")
+    fake.write_report = lambda *a, **k: None  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "influencer.report", fake)
+    assert "has no finished scan" in error_line(invoke("report", run))
+
+
+def test_interrupted_scan_resumes(ws, tmp_path, monkeypatch):
+    import influencer.runs
+
+    run = tmp_path / "run"
+    _copy(ws.run, run)
+
+    def interrupted(run_dir):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(influencer.runs, "publish_scan", interrupted)
+        result = invoke("scan", run, "--queries", ws.queries, "--shard-size", "10", "--no-tokens")
+    assert result.exit_code == 130 and "error: interrupted" in result.output
+    assert (run / "scan.partial" / "scan.json").is_file() and not (run / "scan").exists()
+    line = error_line(invoke("scan", run, "-p", "Other", "-c", " query", "--shard-size", "10", "--no-tokens"))
+    assert "unfinished scan of other queries" in line and "--overwrite" in line
+    out = ok(invoke("scan", run, "--queries", ws.queries, "--shard-size", "10", "--no-tokens"))
+    assert "resuming the unfinished scan" in out
+    assert (run / "scan" / "result.json").is_file() and not (run / "scan.partial").exists()
+
+
+# --------------------------------------------------------------------------------------------- error paths
+
+
+def test_errors_missing_files(ws, tmp_path):
+    line = error_line(invoke("fit", ws.model, tmp_path / "nope.jsonl", "--out", tmp_path / "run"))
+    assert "nope.jsonl: no such file or folder" in line
+    line = error_line(invoke("fit", tmp_path / "no-model", ws.train, "--out", tmp_path / "run"))
+    assert "no-model" in line and "does not exist" in line
+    assert not (tmp_path / "run").exists()
+    before = snapshot(ws.run)
+    assert "missing.jsonl: no such file" in error_line(invoke("scan", ws.run, "--queries", tmp_path / "missing.jsonl"))
+    assert "not a complete run directory" in error_line(invoke("scan", tmp_path, "--queries", ws.queries))
+    assert "no such run directory" in error_line(invoke("scan", tmp_path / "x", "--queries", ws.queries))
+    assert snapshot(ws.run) == before
+
+
+def test_errors_bad_jsonl_lines(ws, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "In the beginning"}\n{"text": "And God said\n', encoding="utf-8")
+    line = error_line(invoke("fit", ws.model, bad, "--out", tmp_path / "run"))
+    assert f"{bad}:2: not valid JSON" in line
+    queries = _jsonl(tmp_path / "q.jsonl", [QUERIES[0], {"prompt": "x", "answer": "y"}])
+    before = snapshot(ws.run)
+    line = error_line(invoke("scan", ws.run, "--queries", queries))
+    assert f"{queries}:2: no field 'completion'" in line
+    assert snapshot(ws.run) == before
+
+
+def test_errors_unknown_layer_preset(ws, tmp_path):
+    line = error_line(invoke("fit", ws.model, ws.train, "--out", tmp_path / "run", "--layers", "mlpp"))
+    assert "unknown layer preset 'mlpp'" in line and "mlp, attention, all" in line
+    line = error_line(invoke("fit", ws.model, ws.train, "--out", tmp_path / "run", "--layers", r"nothing\.here"))
+    assert "matched no layer" in line and "model.layers.0" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_errors_model_curvature_mismatch(ws):
+    before = snapshot(ws.run)
+    line = error_line(invoke("scan", ws.run, "--queries", ws.queries, "--model", ws.other))
+    assert "the curvature does not match the model" in line and "weights differ" in line
+    assert snapshot(ws.run) == before
+
+
+def test_errors_empty_completion(ws, tmp_path):
+    before = snapshot(ws.run)
+    assert "empty" in error_line(invoke("scan", ws.run, "-p", "In the", "-c", " "))
+    queries = _jsonl(tmp_path / "q.jsonl", [{"prompt": "In the", "completion": ""}])
+    assert f"{queries}:1: empty completion" in error_line(invoke("scan", ws.run, "--queries", queries))
+    assert "pair each prompt" in error_line(invoke("scan", ws.run, "-p", "a", "-p", "b", "-c", " c"))
+    assert "no queries" in error_line(invoke("scan", ws.run))
+    assert snapshot(ws.run) == before
+
+
+def test_errors_over_length_with_truncation_error(ws, tmp_path):
+    line = error_line(invoke("fit", ws.model, ws.train, "--out", tmp_path / "run", "--max-length", "8",
+                             "--truncation", "error"))
+    assert re.search(r"document train\.jsonl:1 has \d+ tokens, more than max length 8", line)
+    before = snapshot(ws.run)
+    line = error_line(invoke("scan", ws.run, "--queries", ws.queries, "--query-max-length", "4"))
+    assert "more than max length 4" in line
+    long_prompt = " ".join(v["text"] for v in kjv_verses(12))  # longer than the model's 256 positions
+    line = error_line(invoke("scan", ws.run, "-p", long_prompt, "-c", " Amen."))
+    assert "the model reads at most 256 positions" in line and "--query-max-length" in line
+    assert snapshot(ws.run) == before
+
+
+def test_errors_existing_fit_is_kept(ws, tmp_path):
+    run = tmp_path / "run"
+    _copy(ws.run, run)
+    before = snapshot(run)
+    line = error_line(invoke("fit", ws.model, ws.train, "--out", run))
+    assert "already holds a fit" in line and "--overwrite" in line
+    # --overwrite with bad input fails before anything is written
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"body": "x"}])
+    assert "no field 'text'" in error_line(invoke("fit", ws.model, bad, "--out", run, "--overwrite"))
+    assert snapshot(run) == before
+    not_a_run = tmp_path / "mine"
+    not_a_run.mkdir()
+    (not_a_run / "notes.txt").write_text("keep me")
+    assert "not an influencer run directory" in error_line(invoke("fit", ws.model, ws.train, "--out", not_a_run,
+                                                                  "--overwrite"))
+    assert (not_a_run / "notes.txt").read_text() == "keep me"
+    # and --overwrite with good input replaces the fit atomically
+    ok(invoke("fit", ws.model, ws.train, "--out", run, "--overwrite", "--sequences", "4"))
+    assert json.loads((run / "run.json").read_text())["fit"]["n_fit"] == 4
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_errors_changed_training_data_and_usage(ws, tmp_path):
+    run = tmp_path / "run"
+    _copy(ws.run, run)
+    data = tmp_path / "train.jsonl"
+    _jsonl(data, [{"text": v["text"]} for v in kjv_verses(24)])
+    record = json.loads((run / "run.json").read_text())
+    record["data"]["source"] = str(data)
+    (run / "run.json").write_text(json.dumps(record))
+    ok(invoke("scan", run, "-p", "In the", "-c", " beginning", "--no-tokens"))  # same tokens: fine
+    _jsonl(data, [{"text": v["text"]} for v in kjv_verses(24, start=1)])
+    line = error_line(invoke("scan", run, "-p", "In the", "-c", " beginning", "--overwrite"))
+    assert "changed since the fit" in line
+    assert "--data" in error_line(invoke("scan", run, "-p", "a", "-c", " b", "--max-length", "9"))
+    line = error_line(invoke("fit", ws.model, ws.train, "--out", tmp_path / "r", "--strategy", "nope"), code=2)
+    assert "'nope' is not one of" in line and "influencer fit --help" in line
+    assert "Missing option '--out'" in error_line(invoke("fit", ws.model, ws.train), code=2)
+    assert "no CUDA device" in error_line(invoke("fit", ws.model, ws.train, "--out", tmp_path / "r",
+                                                 "--device", "cuda")) or torch.cuda.is_available()
+
+
+def test_debug_shows_the_exception(ws, tmp_path):
+    result = invoke("--debug", "fit", ws.model, tmp_path / "nope.jsonl", "--out", tmp_path / "run")
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+    assert "no such file" in str(result.exception)
+
+
+def test_errors_in_a_real_process(ws, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "influencer", "scan", str(ws.run), "-p", "In the", "-c", ""],
+                          capture_output=True, text=True, env=ws.env, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
+    assert "empty" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_validate_without_the_suite_and_with_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "influencer.validate", None)
+    assert "no validation suite" in error_line(invoke("validate"))
+    seen = {}
+
+    class Result:
+        def to_markdown(self) -> str:
+            return "| method | pearson |"
+
+        def save(self, path) -> None:
+            Path(path).mkdir(parents=True)
+
+    def run_experiment(setup, **kwargs):
+        seen.update(kwargs, setup=setup)
+        kwargs["log"]("training the setup")
+        return Result()
+
+    fake = types.ModuleType("influencer.validate")
+    fake.run_experiment = run_experiment  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "influencer.validate", fake)
+    out = ok(invoke("validate", "digits", "--methods", "ekfac, kfac", "--train-points", "50", "--out",
+                    tmp_path / "v"))
+    assert "| method | pearson |" in out and "training the setup" in out and (tmp_path / "v").is_dir()
+    assert seen["setup"] == "digits" and seen["methods"] == ["ekfac", "kfac"] and seen["train_points"] == 50
+    assert "measurements" not in seen and seen["size"] == "small"
+
+
+# ----------------------------------------------------------------------------------------- progress hooks
+
+
+def test_library_progress_goes_through_installed_bars(ws):
+    from influencer.progress import use_bars
+
+    events: list[tuple[str, int | None, int]] = []
+
+    class Bar:
+        def __init__(self, desc, total, unit):
+            self.desc, self.total, self.count = desc, total, 0
+
+        def update(self, n=1):
+            self.count += n
+
+        def close(self):
+            events.append((self.desc, self.total, self.count))
+
+    model, tok = inf_models_load(ws.model)
+    task = inf.CausalLM(pad_token_id=tok.pad_token_id)
+    train = _train_batch(tok)
+    with use_bars(Bar):
+        curv = inf.fit_curvature(model, task, train, batch_size=8, progress=True)
+        inf.scan(model, task, curv, inf_queries(tok), train, batch_size=8, progress=True)
+        inf.fit_curvature(model, task, train, batch_size=8, progress=False)  # off: no bars
+    assert events == [("covariance", 24, 24), ("eigendecomposition", 10, 10), ("eigenvalue correction", 24, 24),
+                      ("query gradients", 2, 2), ("scan", 24, 24), ("token attribution", events[-1][1],
+                                                                       events[-1][1])]
+
+
+def test_rich_bars_render_and_time_stages():
+    from rich.console import Console
+
+    from influencer.cli import _Bars, _Timer
+    from influencer.progress import progress_bar, use_bars
+
+    timer = _Timer()
+    buffer = Console(file=io.StringIO(), force_terminal=True, width=100)
+    bars = _Bars(timer, show=True, console=buffer)
+    with bars.progress, use_bars(bars), timer.stage("fit"), progress_bar("covariance", 10) as bar:
+        bar.update(10)
+    assert [(s.name, s.depth) for s in timer.stages] == [("fit", 0), ("covariance", 1)]
+    assert timer.stages[1].detail == "10 seq" and set(timer.as_dict()) == {"fit", "fit/covariance"}
+    assert "covariance: 10 seq in" in buffer.file.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.copytree(src, dst)
+
+
+def inf_models_load(folder: Path):
+    from influencer.models import load_model
+
+    return load_model(folder)
+
+
+def _train_batch(tok):
+    from influencer.data import make_sequences
+
+    return make_sequences(tok, [v["text"] for v in kjv_verses(24)], max_length=512).batch
+
+
+def inf_queries(tok):
+    from influencer.data import encode_queries
+
+    return encode_queries(tok, QUERIES)[0]
