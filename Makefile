@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 DEMO_THREADS ?= 2
 
-.PHONY: install demo test lint bench clean
+VALIDATE_METHODS := ekfac,kfac,diagonal,lissa,gradient-dot,exact
+
+.PHONY: install demo test lint bench validate clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +37,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_fit.py
 
-validate: $(STAMP)  # full validation runs on Concrete (~1.5 h, 1 thread); see docs/VALIDATION.md for all commands
-	$(PY) benchmarks/validate_experiment.py --setup concrete && $(PY) benchmarks/validate_lds.py --setup concrete
+validate: $(STAMP)  # the runs recorded in docs/VALIDATION.md (~1.2 h on 1 thread); paper-size commands are there too
+	$(PY) benchmarks/validate_experiment.py --setup concrete --train-points 200 --methods $(VALIDATE_METHODS)
+	$(PY) benchmarks/validate_experiment.py --setup digits --train-points 120 --pbrf-tol 3e-2 --methods $(VALIDATE_METHODS)
+	$(PY) benchmarks/validate_lds.py --setup concrete --subsets 500 --measurements 50 --strategies identity,diagonal,kfac,ekfac,exact
+	$(PY) benchmarks/validate_lds.py --setup digits --subsets 200 --measurements 20
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -52,7 +52,7 @@ def _cg(apply, v: torch.Tensor, rtol: float = 1e-8, max_iter: int = 20000) -> to
     return x
 
 
-def _expected_ekfac(s, fm: FlatModel, ekfac: inf.Curvature, chunk: int = 64) -> inf.Curvature:
+def _expected_ekfac(s, fm: FlatModel, ekfac: inf.Curvature, chunk: int = 8) -> inf.Curvature:
     """EK-FAC in the fitted eigenbases with Λ = (1/N) Σ_n Σ_k (Q_Sᵀ J̃_nk Q_A)⊙², J̃_n = H_n^½ J_n (no sampling)."""
     from torch.func import jacrev, vmap
 

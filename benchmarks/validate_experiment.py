@@ -20,4 +20,4 @@ import sys
 from influencer.validate.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["experiment", *sys.argv[1:]]))
+    sys.exit(main(["experiment", *sys.argv[1:]], prog="python benchmarks/validate_experiment.py"))

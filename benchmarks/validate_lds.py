@@ -15,4 +15,4 @@ import sys
 from influencer.validate.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["lds", *sys.argv[1:]]))
+    sys.exit(main(["lds", *sys.argv[1:]], prog="python benchmarks/validate_lds.py"))

@@ -65,7 +65,7 @@ def test_experiment_cli_writes_table_figure_and_results(cache, tmp_path, capsys)
     assert main(["experiment", "--setup", "concrete", "--size", "small", "--measurements", "2", "--train-points",
                  "6", "--methods", "ekfac,gradient-dot", "--cache", str(cache), "--out", str(out)]) == 0
     table = (out / "table.md").read_text()
-    assert table.startswith("`python benchmarks/validate_experiment.py --setup concrete --size small")
+    assert table.startswith("`python -m influencer.validate experiment --setup concrete --size small")
     assert "| EK-FAC |" in table and "| EK-FAC |" in capsys.readouterr().out
     assert (out / "concrete.png").stat().st_size > 10_000
     loaded = ExperimentResult.load(out / "result")

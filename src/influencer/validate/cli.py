@@ -89,8 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``experiment`` or ``lds`` from command-line arguments; returns 0 (prints the table)."""
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Run ``experiment`` or ``lds`` from command-line arguments; returns 0 (prints the table).
+
+    prog: how the run is named in ``table.md`` (default ``python -m influencer.validate <command>``).
+    """
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(args_list)
     torch.set_num_threads(args.threads)
@@ -115,20 +118,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup, train_points=args.train_points, methods=tuple(m for m in args.methods.split(",") if m),
             epsilon=args.epsilon, pbrf=pbrf or None, lissa=lissa, checkpoint=out / "pbrf-checkpoint", **common)
         figure = f"{args.setup}.png"
-        command = "python benchmarks/validate_experiment.py"
     else:
         out = Path(args.out or f"benchmarks/out/validate/lds-{tag}")
         result = run_lds(setup, subsets=args.subsets, fraction=args.fraction,
                          strategies=tuple(s for s in args.strategies.split(",") if s), seeds=args.seeds,
                          checkpoint=out / "retrain-checkpoint", **common)
         figure = f"lds-{args.setup}.png"
-        command = "python benchmarks/validate_lds.py"
     result.save(out / "result")
     try:
         result.plot(out / figure)
     except ImportError:
         log("matplotlib is not installed: no figure")
     rest = args_list[1:] if args_list and args_list[0] == args.command else args_list
+    command = prog or f"python -m influencer.validate {args.command}"
     text = f"`{command} {shlex.join(rest)}`\n\n{result.to_markdown()}\n"
     (out / "table.md").write_text(text)
     print(text, flush=True)

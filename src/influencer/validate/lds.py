@@ -102,6 +102,7 @@ class LDSResult:
             ax.set_title(f"{_LABELS.get(name, name).split(' (')[0]}: ρ={self.lds[name][measurement]:.2f}",
                          fontsize=9)
             ax.set_xlabel("Σ scores over subset", fontsize=8)
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
             ax.set_ylabel("f after retraining", fontsize=8)
         fig.suptitle(f"{self.setup}: linear datamodeling score", fontsize=10)
         fig.tight_layout()
