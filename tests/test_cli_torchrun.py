@@ -21,6 +21,7 @@ import torch
 pytest.importorskip("transformers")
 typer_testing = pytest.importorskip("typer.testing")
 
+from test_distributed import _operator_error  # noqa: E402
 from tiny_hf import tiny_model_folder  # noqa: E402
 
 import influencer as inf  # noqa: E402
@@ -76,26 +77,6 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
     scan = torchrun("scan", two, *scan_args, "--device", "cpu", env=env)
     assert scan.returncode == 0, scan.stderr[-4000:]
     return types.SimpleNamespace(root=root, one=one, two=two, fit=fit, scan=scan, env=env, scan_args=scan_args)
-
-
-def _operator_error(a: inf.Curvature, b: inf.Curvature) -> float:
-    """Largest relative difference of (G + λ)⁻¹ V (random V; eigenvector signs do not matter), of the damping and
-    of the eigenvalues, over the layers."""
-    assert list(a.layers) == list(b.layers)
-    assert (a.n_fit, a.strategy, a.fingerprint) == (b.n_fit, b.strategy, b.fingerprint)
-    g = torch.Generator().manual_seed(0)
-    worst = 0.0
-    for name, f in a.layers.items():
-        other = b.layers[name]
-        assert f.tokens == other.tokens
-        v = torch.randn(3, *f.shape, generator=g, dtype=torch.float64)
-        x, y = a.precondition(name, v), b.precondition(name, v)
-        worst = max(worst, float((x - y).norm() / y.norm()), abs(f.damping - other.damping) / other.damping)
-        for key in ("eig_a", "eig_s", "lam"):
-            p, q = getattr(f, key), getattr(other, key)
-            if q is not None:
-                worst = max(worst, float((p - q).abs().max() / q.abs().max()))
-    return worst
 
 
 def test_torchrun_fit_equals_one_process(ws) -> None:
