@@ -1,5 +1,5 @@
-"""CUDA (skipped without a GPU): fits and scans on the GPU equal the CPU ones; bf16 autocast runs and stays close;
-a 2-process group with the model on the GPU equals one CPU process."""
+"""CUDA (skipped without a GPU): fits, scans and query refinement on the GPU equal the CPU ones; bf16 autocast
+runs and stays close; a 2-process group with the model on the GPU equals one CPU process."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ def test_gpu_fit_and_scan_equal_cpu(both, tmp_path: Path) -> None:
     s_gpu = inf.scan(gpu, task, c_cpu, queries, train, rank=None, top_k=5, progress=False,
                      out_dir=tmp_path / "scan", shard_size=9)
     _same_top(s_gpu, s_cpu, rel=1e-3)
+
+
+def test_refinement_on_the_gpu_equals_cpu(both) -> None:
+    cpu, gpu, task, train, queries = both
+    curv = inf.fit_curvature(cpu, task, train, progress=False)
+    r_cpu = inf.refine_queries(cpu, task, curv, queries, train, iterations=5)
+    r_gpu = inf.refine_queries(gpu, task, curv.to("cuda"), queries, train, iterations=5)
+    for name, p in r_cpu.items():
+        assert r_gpu[name].is_cuda
+        assert float((r_gpu[name].cpu() - p).norm() / p.norm()) < 1e-3
 
 
 def test_bf16_autocast_runs_and_stays_close(both) -> None:

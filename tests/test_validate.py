@@ -16,12 +16,16 @@ import torch
 import zoo
 
 import influencer as inf
+from influencer.functional import _generic_bregman, output_hessian_product
 from influencer.validate import (
     PBRF,
     FlatModel,
     LiSSADivergenceError,
     PBRFConfig,
     bregman_divergence,
+    conjugate_gradients,
+    curvature_preconditioner,
+    damped_gnh_operator,
     dense_gnh,
     exact_ihvp,
     lissa_ihvp,
@@ -30,7 +34,6 @@ from influencer.validate import (
     spearman,
     train_gradients,
 )
-from influencer.validate.functional import _generic_bregman, output_hessian_product
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -215,6 +218,46 @@ def test_lissa_converges_and_guards_divergence() -> None:
     assert _rel(stochastic, exact) < 0.2
     with pytest.raises(LiSSADivergenceError, match="raise scale"):
         lissa_ihvp(fm, (x, y), v, lam, depth=200, batch_size=40, scale=0.01)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
+def test_curvature_preconditioner_gives_the_engines_scores(strategy: str) -> None:
+    """−(M⁻¹∇f)ᵀ∇L on FlatModel's flat layout equals the engine's own pairwise scores (an independent path)."""
+    model, task = zoo.mlp(d_in=4, hidden=6, d_out=3), inf.Classification()
+    x, y = zoo.classification_data(50, d_in=4)
+    queries = (x[:3] + 0.1, y[:3])
+    names = zoo.mlp_names(model)
+    curv = inf.fit_curvature(model, task, (x, y), strategy=strategy, layers=names, progress=False)
+    fm = FlatModel(model, task, names)
+    pre = curvature_preconditioner(fm, curv)
+    ours = scores_from_ihvp(pre(_measurement_grads(fm, queries)), train_gradients(fm, (x, y), torch.arange(50)))
+    engine = inf.pairwise_scores(model, task, curv, queries, (x, y), per_layer=False, progress=False).total
+    assert _rel(ours, engine.to(torch.float64)) < 1e-9
+
+
+def test_preconditioned_cg_converges_to_the_exact_inverse() -> None:
+    model, task = zoo.mlp(d_in=4, hidden=6, d_out=2), inf.Regression()
+    x, y = zoo.regression_data(40, d_in=4, d_out=2)
+    names = zoo.mlp_names(model)
+    fm = FlatModel(model, task, names)
+    v = _measurement_grads(fm, (x[:3] + 0.1, y[:3]))
+    lam = 0.02
+    exact, _ = exact_ihvp(fm, (x, y), v, lam, method="dense")
+    apply = damped_gnh_operator(fm, (x, y), fm.damping_vector(lam))
+    ekfac = inf.fit_curvature(model, task, (x, y), strategy="ekfac", layers=names, progress=False)
+    pre = curvature_preconditioner(fm, ekfac.with_damping(damping=lam))
+    x_pcg, steps, rel = conjugate_gradients(apply, v, precondition=pre, rtol=1e-11)
+    assert rel <= 1e-11 and _rel(x_pcg, exact) < 1e-8 and steps <= fm.P
+    # a fixed number of steps: each one can only lower the error in the (G + λ)-norm
+    def a_norm_error(z: torch.Tensor) -> float:
+        e = z - exact
+        return float((e * apply(e)).sum())
+    errors = [a_norm_error(conjugate_gradients(apply, v, precondition=pre, iterations=k)[0]) for k in (1, 3, 9)]
+    assert errors[0] > errors[1] > errors[2]
+    # the exact inverse as preconditioner solves the system in one step
+    g = dense_gnh(fm, (x, y)) + lam * torch.eye(fm.P, dtype=torch.float64)
+    x_one, _, _ = conjugate_gradients(apply, v, precondition=lambda r: torch.linalg.solve(g, r.T).T, iterations=1)
+    assert _rel(x_one, exact) < 1e-8
 
 
 def test_stats_match_scipy() -> None:

@@ -16,6 +16,7 @@ from influencer.curvature import (
 )
 from influencer.layers import Layer, select_layers
 from influencer.queries import QueryStore, measurement_gradients, preconditioned_queries
+from influencer.refine import refine_queries
 from influencer.scan import Hit, ScanResult, merge_scans, scan
 from influencer.scores import Scores, pairwise_scores, self_scores
 from influencer.tasks import CausalLM, Classification, Regression, Task
@@ -44,6 +45,7 @@ __all__ = [
     "merge_scans",
     "pairwise_scores",
     "preconditioned_queries",
+    "refine_queries",
     "scan",
     "select_layers",
     "self_scores",

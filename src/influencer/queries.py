@@ -141,11 +141,14 @@ class QueryStore:
     @classmethod
     @amp_aware
     def build(cls, model: nn.Module, task: Task, curvature: Curvature, queries: Any, *, rank: int | None = 32,
-              batch_size: int = 16, progress: bool = False) -> QueryStore:
+              batch_size: int = 16, refine_data: Any = None, refine_iterations: int = 10,
+              progress: bool = False) -> QueryStore:
         """Measurement gradients → preconditioned → rank ``rank`` (None: keep every layer exact).
 
         Queries are processed ``batch_size`` at a time and compressed before the next chunk, so the dense
         [Q, d_out, w] gradients of all queries never coexist (peak memory ∝ batch_size, not Q).
+        refine_data: training data; when given, the preconditioning is refined by ``refine_iterations`` steps of
+        conjugate gradients on the full Gauss-Newton matrix over it (:func:`influencer.refine_queries`).
         """
         n = len(task.as_dataset(queries, queries=True))  # type: ignore[arg-type]
         if n == 0:
@@ -154,7 +157,13 @@ class QueryStore:
         with progress_bar("query gradients", n, unit="query", enabled=progress) as bar:
             for lo in range(0, n, batch_size):
                 chunk = _slice_rows(queries, lo, min(lo + batch_size, n)) if batch_size < n else queries
-                precond = preconditioned_queries(model, task, curvature, chunk, batch_size=batch_size)
+                if refine_data is None:
+                    precond = preconditioned_queries(model, task, curvature, chunk, batch_size=batch_size)
+                else:
+                    from influencer.refine import refine_queries
+
+                    precond = refine_queries(model, task, curvature, chunk, refine_data,
+                                             iterations=refine_iterations, query_chunk=batch_size)
                 parts.append(cls.from_preconditioned(precond, rank))
                 bar.update(min(batch_size, n - lo))
         return cls.concat(parts, meta={"strategy": curvature.strategy,

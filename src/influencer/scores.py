@@ -20,6 +20,7 @@ from influencer.curvature.linalg import chunk_rows, per_example_grads
 from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
 from influencer.queries import preconditioned_queries
+from influencer.refine import refine_queries
 from influencer.tasks import Task
 
 _SCORES = "scores.safetensors"
@@ -82,9 +83,18 @@ class Scores:
 @amp_aware
 def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train: Any, *,
                     batch_size: int = 64, query_batch_size: int = 16, per_layer: bool = True,
-                    n_train: int | None = None, progress: bool = True) -> Scores:
-    """Influence of every training example on every query: a :class:`Scores` with total [Q, N]."""
-    precond = preconditioned_queries(model, task, curvature, queries, batch_size=query_batch_size)
+                    n_train: int | None = None, refine_data: Any = None, refine_iterations: int = 10,
+                    progress: bool = True) -> Scores:
+    """Influence of every training example on every query: a :class:`Scores` with total [Q, N].
+
+    refine_data: training data; when given, the query side is refined by ``refine_iterations`` steps of
+    conjugate gradients on the full Gauss-Newton matrix over it (:func:`influencer.refine_queries`).
+    """
+    if refine_data is None:
+        precond = preconditioned_queries(model, task, curvature, queries, batch_size=query_batch_size)
+    else:
+        precond = refine_queries(model, task, curvature, queries, refine_data, iterations=refine_iterations,
+                                 query_chunk=query_batch_size, progress=progress)
     layers = curvature.bind(model, check_weights=False)
     dataset = task.as_dataset(train)
     n = len(dataset)  # type: ignore[arg-type]

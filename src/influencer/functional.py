@@ -1,9 +1,11 @@
 """A model as a pure function of one flat parameter vector θ (the tracked layers), via ``torch.func``.
 
-The references of the validation suite (exact damped Gauss-Newton influence, LiSSA, PBRF) work on a flat θ [P]
-that concatenates, for every tracked layer in order, ``weight.flatten()`` then ``bias`` (each in the module's
-own orientation). They never use the engine's hooks, so they check it independently. Parameters outside the
-tracked layers stay fixed at their current values.
+The references of the validation suite (exact damped Gauss-Newton influence, LiSSA, PBRF) and the full-GNH
+refinement of :mod:`influencer.refine` work on a flat θ [P] that concatenates, for every tracked layer in order,
+``weight.flatten()`` then ``bias`` (each in the module's own orientation). They never use the engine's hooks, so
+the validation suite checks the engine independently. Parameters outside the tracked layers stay fixed at their
+current values. :meth:`FlatModel.layer_matrices` / :meth:`FlatModel.flat` convert to and from the engine's
+per-layer gradient matrices [..., d_out, d_in + bias].
 
 Quantities (DESIGN.md §1): per-example training loss L(z) (``task.train_loss``, a sum over targets),
 measurement f(θ) (``task.measurement``), and the Bregman divergence of the output loss
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from influencer.layers import LayerSpec, select_layers
 from influencer.passes import model_device
@@ -118,6 +121,30 @@ class FlatModel:
             return torch.cat(parts).to(self.device)
         return torch.full((self.P,), float(damping), dtype=self.dtype, device=self.device)
 
+    def layer_matrices(self, v: Tensor) -> dict[str, Tensor]:
+        """Flat vectors [K, P] → the engine's per-layer matrices name → [K, d_out, d_in + bias] (bias last)."""
+        out, lo = {}, 0
+        for x in self.layers:
+            w = v[:, lo:lo + x.d_out * x.d_in]
+            lo += x.d_out * x.d_in
+            w = w.reshape(-1, x.d_in, x.d_out).transpose(1, 2) if x.kind == "conv1d" else w.reshape(-1, x.d_out, x.d_in)
+            if x.bias:
+                w = torch.cat([w, v[:, lo:lo + x.d_out, None]], -1)
+                lo += x.d_out
+            out[x.name] = w
+        return out
+
+    def flat(self, mats: dict[str, Tensor]) -> Tensor:
+        """The inverse of :meth:`layer_matrices`: name → [K, d_out, d_in + bias] → flat vectors [K, P]."""
+        parts = []
+        for x in self.layers:
+            m = mats[x.name]
+            w = m[..., :x.d_in]
+            parts.append((w.transpose(1, 2) if x.kind == "conv1d" else w).reshape(len(m), -1))
+            if x.bias:
+                parts.append(m[..., x.d_in])
+        return torch.cat(parts, 1)
+
     @property
     def P(self) -> int:
         return self.theta0.numel()
@@ -197,9 +224,11 @@ class FlatModel:
             def f(th: Tensor, b=b) -> Tensor:
                 return self.outputs(th, b)
 
-            _, vjp_fn = vjp(f, theta)
-            jv = vmap(lambda v, f=f: jvp(f, (theta,), (v,))[1])(vs2)
-            out += vmap(vjp_fn)(output_hessian_product(self.task, ref, b, jv))[0]
+            # the math attention kernel: fused CPU/GPU attention kernels have no forward-mode derivative
+            with sdpa_kernel(SDPBackend.MATH):
+                _, vjp_fn = vjp(f, theta)
+                jv = vmap(lambda v, f=f: jvp(f, (theta,), (v,))[1])(vs2)
+                out += vmap(vjp_fn)(output_hessian_product(self.task, ref, b, jv))[0]
         out /= n
         return out[0] if single else out
 

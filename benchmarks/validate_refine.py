@@ -1,0 +1,102 @@
+"""How many full-GNH conjugate-gradient steps does EK-FAC need to match exact damped influence?
+
+For Q held-out measurements × M random training points of a validation setup, Pearson (mean over
+measurements) with the exact influence −∇fᵀ(G + λ)⁻¹∇L (CG on the full GNH to 1e-8) of
+
+- ``influencer.pairwise_scores(..., refine_data=train, refine_iterations=k)``: k steps of CG preconditioned by
+  the fitted EK-FAC (the engine's public refinement; k = 0 is plain EK-FAC), and
+- k steps of plain (unpreconditioned) CG from 0 (k = 0: the gradient dot product up to the factor 1/λ),
+
+with the wall time of each, on one thread. One global λ = factor × mean eigenvalue of G as in the PBRF
+experiment (`validate_experiment.py`).
+
+    .venv/bin/python benchmarks/validate_refine.py --setup concrete --train-points 200
+    .venv/bin/python benchmarks/validate_refine.py --setup digits --train-points 120 --damping-factor 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import influencer as inf
+from influencer.validate import (
+    FlatModel,
+    conjugate_gradients,
+    damped_gnh_operator,
+    load_setup,
+    mean_eigenvalue,
+    pearson,
+    scores_from_ihvp,
+    train_gradients,
+)
+from influencer.validate.experiment import DAMPING_FACTORS, _indices
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--setup", default="concrete")
+    ap.add_argument("--measurements", type=int, default=10)
+    ap.add_argument("--train-points", type=int, default=200)
+    ap.add_argument("--damping-factor", type=float, default=None, help="default: the PBRF experiment's")
+    ap.add_argument("--iterations", default="0,1,2,3,5,10,20,40")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    s = load_setup(args.setup, seed=args.seed)
+    fm = FlatModel(s.model, s.task, s.layers)
+    t = time.perf_counter()
+    ekfac = inf.fit_curvature(s.model, s.task, s.train, strategy="ekfac", layers=s.layers, seed=args.seed,
+                              progress=False)
+    fit_seconds = time.perf_counter() - t
+    factor = args.damping_factor if args.damping_factor is not None else DAMPING_FACTORS.get(s.name, 1.0)
+    lam = factor * mean_eigenvalue(ekfac)
+    ekfac = ekfac.with_damping(damping=lam)
+    queries = s.queries(_indices(s.n_test, args.measurements, args.seed + 11, what="measurements"))
+    t_idx = _indices(s.n_train, args.train_points, args.seed + 12, what="training points")
+    subset = s.train_subset(t_idx)
+    v = torch.cat([fm.per_example_grads(b, "measurement") for _, b in fm.batches(queries, 64, queries=True)])
+    grads = train_gradients(fm, s.train, t_idx)
+    apply = damped_gnh_operator(fm, s.train, fm.damping_vector(lam))
+    t = time.perf_counter()
+    x_exact, exact_steps, _ = conjugate_gradients(apply, v, rtol=1e-8, max_iter=20000)
+    exact_seconds = time.perf_counter() - t
+    exact = scores_from_ihvp(x_exact, grads)
+
+    def corr(sc: torch.Tensor) -> float:
+        sc = sc.to(torch.float64)
+        return sum(pearson(sc[i], exact[i]) for i in range(len(sc))) / len(sc)
+
+    rows = ["| CG steps k | EK-FAC + k CG steps (engine) | time (s) | plain CG, k steps | time (s) |",
+            "|---|---|---|---|---|"]
+    for k in (int(i) for i in args.iterations.split(",")):
+        t = time.perf_counter()
+        refined = inf.pairwise_scores(s.model, s.task, ekfac, queries, subset, per_layer=False, progress=False,
+                                      refine_data=s.train, refine_iterations=k).total
+        t_refined = time.perf_counter() - t + fit_seconds
+        t = time.perf_counter()
+        x_cg = conjugate_gradients(apply, v, iterations=k)[0] if k else v / lam
+        plain = scores_from_ihvp(x_cg, grads)
+        t_plain = time.perf_counter() - t
+        rows.append(f"| {k} | {corr(refined):.3f} | {t_refined:.2f} | {corr(plain):.3f} | {t_plain:.2f} |")
+        print(rows[-1], flush=True)
+    head = (f"**{s.name}** — Pearson with exact damped full-GNH influence (CG to 1e-8: {exact_steps} steps, "
+            f"{exact_seconds:.1f} s), {args.measurements} measurements × {args.train_points} training points; "
+            f"λ = {lam:.4g} ({factor:g} × mean eigenvalue of G); EK-FAC times include its fit ({fit_seconds:.2f} s) "
+            f"and scoring; 1 thread.")
+    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    text = f"`{cmd}`\n\n{head}\n\n" + "\n".join(rows) + "\n"
+    out = Path(args.out or f"benchmarks/out/validate/refine-{args.setup}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
