@@ -81,3 +81,14 @@ def test_refinement_errors_are_clear() -> None:
     x, y = zoo.regression_data(4)
     with pytest.raises(ValueError, match="no training data"):
         inf.refine_queries(model, task, curv, queries, (x[:0], y[:0]))
+
+
+def test_scan_with_a_refined_store_gives_the_refined_scores() -> None:
+    model, task, train, queries, curv = _ekfac("mlp-classification")
+    store = inf.QueryStore.build(model, task, curv, queries, rank=None, refine_data=train, refine_iterations=4)
+    result = inf.scan(model, task, curv, queries, train, store=store, keep_scores=True, tokens=False, progress=False)
+    expected = inf.pairwise_scores(model, task, curv, queries, train, refine_data=train, refine_iterations=4,
+                                   progress=False).total
+    plain = inf.pairwise_scores(model, task, curv, queries, train, progress=False).total
+    assert rel_err(result.scores, expected) < 1e-9
+    assert rel_err(plain, expected) > 1e-3  # the refinement changed the answer
