@@ -80,6 +80,14 @@ def _expected_ekfac(s, fm: FlatModel, ekfac: inf.Curvature, chunk: int = 8) -> i
     return replace(ekfac, layers={k: replace(f, lam=(lam[k] / n).to(f.lam.dtype)) for k, f in ekfac.layers.items()})
 
 
+def write_table(text: str, out: str | Path) -> None:
+    """Write ``text`` to ``out``/table.md (creating the folder) and print it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setup", default="concrete")
@@ -170,11 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {what} | {r['cg_iterations']} | {r['block-diagonal exact']:.3f} | {r['ekfac']:.3f} | "
                      f"{r['kfac']:.3f} | {r['diagonal']:.3f} | {r['gradient-dot']:.3f} |"
                      + (f" {r['ekfac-expected']:.3f} |" if "ekfac-expected" in r else ""))
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out or f"benchmarks/out/validate/damping-{args.setup}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(text)
-    print(text)
+    write_table("\n".join(lines) + "\n", args.out or f"benchmarks/out/validate/damping-{args.setup}")
 
 
 if __name__ == "__main__":

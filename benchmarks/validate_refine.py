@@ -20,9 +20,9 @@ import argparse
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import torch
+from validate_damping import write_table
 
 import influencer as inf
 from influencer.validate import (
@@ -91,11 +91,8 @@ def main() -> None:
             f"λ = {lam:.4g} ({factor:g} × mean eigenvalue of G); EK-FAC times include its fit ({fit_seconds:.2f} s) "
             f"and scoring; 1 thread.")
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    text = f"`{cmd}`\n\n{head}\n\n" + "\n".join(rows) + "\n"
-    out = Path(args.out or f"benchmarks/out/validate/refine-{args.setup}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(text)
-    print(text)
+    write_table(f"`{cmd}`\n\n{head}\n\n" + "\n".join(rows) + "\n",
+                args.out or f"benchmarks/out/validate/refine-{args.setup}")
 
 
 if __name__ == "__main__":
