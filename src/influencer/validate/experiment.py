@@ -197,11 +197,7 @@ class ExperimentResult:
             ax.set_ylabel("estimate", fontsize=8)
         fig.suptitle(f"{self.setup}: influence vs PBRF ({self.pbrf.shape[0]} measurements × "
                      f"{self.pbrf.shape[1]} training points)", fontsize=10)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return _save_figure(fig, path)
 
     # --- persistence ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -228,6 +224,18 @@ class ExperimentResult:
                    for n, v in meta["methods"].items()}
         return cls(meta["setup"], meta["settings"], meta["setup_info"], t["query_indices"], t["train_indices"],
                    t["pbrf"], meta["pbrf_seconds"], meta["pbrf_stats"], methods)
+
+
+def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG (creating the folder), close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _jsonable(x: Any) -> Any:

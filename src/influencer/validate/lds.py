@@ -27,7 +27,7 @@ from torch import Tensor
 import influencer as inf
 from influencer.functional import FlatModel
 from influencer.io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json
-from influencer.validate.experiment import _indices, _jsonable, mean_eigenvalue
+from influencer.validate.experiment import _indices, _jsonable, _save_figure, mean_eigenvalue
 from influencer.validate.reference import exact_ihvp, scores_from_ihvp, train_gradients
 from influencer.validate.setups import Setup, load_setup
 from influencer.validate.stats import mean_std, spearman
@@ -105,12 +105,7 @@ class LDSResult:
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
             ax.set_ylabel("f after retraining", fontsize=8)
         fig.suptitle(f"{self.setup}: linear datamodeling score", fontsize=10)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return _save_figure(fig, path)
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
