@@ -83,7 +83,13 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """Read a safetensors file into owned, freshly allocated tensors.
+
+    safetensors may hand out views into a memory map at 8-byte alignment; BLAS kernels can then take another
+    code path than for the (64-byte aligned) tensors that were saved, so a round trip would not give bit-identical
+    scores. The copy also releases the file at once.
+    """
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in load_file(str(path)).items()}
 
 
 def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> None:

@@ -45,7 +45,7 @@ def eigh_blocks(blocks: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[to
         c64 = c.to(torch.float64)
         lam, q = torch.linalg.eigh(0.5 * (c64 + c64.T))
         vals.append(lam)
-        vecs.append(q)
+        vecs.append(q.contiguous())  # eigh returns column-major; a row-major basis saves and reloads bit for bit
     return vals, vecs
 
 
