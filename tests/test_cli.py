@@ -205,6 +205,35 @@ def test_scan_of_other_data_with_packing(ws, tmp_path):
     assert data["format"] == "text" and data["packing"] is True and data["report"]["packing"] is True
 
 
+def test_scan_refine_matches_the_library(ws, tmp_path):
+    run = tmp_path / "run"
+    _copy(ws.run, run)
+    line = error_line(invoke("scan", run, "--queries", ws.queries, "--refine-sequences", "8"), code=1)
+    assert "--refine-sequences needs --refine" in line
+    ok(invoke("scan", run, "--queries", ws.queries, "--rank", "0", "--keep-scores", "--no-tokens", "--refine", "3",
+              "--refine-sequences", "16"))
+    request = json.loads((run / "scan" / "request.json").read_text())
+    assert request["settings"]["refine"] == 3 and request["settings"]["refine_sequences"] == 16
+    result = inf.ScanResult.load(run / "scan")
+    model, tok = inf_models_load(ws.model)
+    curv = inf.Curvature.load(run / "curvature", model)
+    train = _train_batch(tok)
+    task = inf.CausalLM(pad_token_id=tok.pad_token_id)
+    first16 = {k: v[:16] for k, v in train.items()}
+    expected = inf.pairwise_scores(model, task, curv, inf_queries(tok), train, batch_size=8, refine_data=first16,
+                                   refine_iterations=3, progress=False).total
+    plain = inf.pairwise_scores(model, task, curv, inf_queries(tok), train, batch_size=8, progress=False).total
+    torch.testing.assert_close(result.scores, expected, rtol=1e-4, atol=1e-4)
+    assert (plain - expected).norm() > 1e-2 * expected.norm()  # the refinement changed the answer
+    # scanning other data still refines on the fit's own sequences
+    text = ws.root / "refine-other.txt"
+    text.write_text("\n".join(v["text"] for v in kjv_verses(6, start=40)) + "\n", encoding="utf-8")
+    ok(invoke("scan", run, "--queries", ws.queries, "--data", text, "--rank", "0", "--keep-scores", "--no-tokens",
+              "--refine", "3", "--refine-sequences", "16", "--overwrite"))
+    other = inf.ScanResult.load(run / "scan")
+    assert other.meta["refine"]["data"] == result.meta["refine"]["data"]
+
+
 def test_fit_options_packing_and_strategy(ws, tmp_path):
     run = tmp_path / "packed"
     out = ok(invoke("fit", ws.model, ws.train, "--out", run, "--packing", "--max-length", "24", "--strategy", "kfac",

@@ -92,3 +92,30 @@ def test_scan_with_a_refined_store_gives_the_refined_scores() -> None:
     plain = inf.pairwise_scores(model, task, curv, queries, train, progress=False).total
     assert rel_err(result.scores, expected) < 1e-9
     assert rel_err(plain, expected) > 1e-3  # the refinement changed the answer
+
+
+def test_scan_refines_its_own_store_and_resumes_only_with_the_same_refinement(tmp_path) -> None:
+    model, task, train, queries, curv = _ekfac("llama-causal-lm")
+    expected = inf.pairwise_scores(model, task, curv, queries, train, refine_data=train, refine_iterations=3,
+                                   progress=False).total
+    out = tmp_path / "scan"
+    kwargs = {"rank": None, "keep_scores": True, "tokens": True, "progress": False, "batch_size": 3}
+    result = inf.scan(model, task, curv, queries, train, refine_data=train, refine_iterations=3, out_dir=out,
+                      **kwargs)
+    assert result.scores is not None and rel_err(result.scores, expected) < 1e-9
+    assert result.meta["refine"]["iterations"] == 3
+    assert result.meta["refine"]["data_size"] == len(task.as_dataset(train))
+    hit = result.top(0, 1)[0]  # the token pass uses the refined queries too: tokens still sum to the score
+    assert hit.tokens is not None and abs(float(hit.tokens.sum()) - hit.score) <= 1e-9 * abs(hit.score) + 1e-12
+    again = inf.scan(model, task, curv, queries, train, refine_data=train, refine_iterations=3, out_dir=out,
+                     **kwargs)
+    assert again.scores is not None and torch.equal(again.scores, result.scores)
+    with pytest.raises(ValueError, match="other query refinement settings"):
+        inf.scan(model, task, curv, queries, train, out_dir=out, **kwargs)
+    with pytest.raises(ValueError, match="other query refinement settings"):
+        inf.scan(model, task, curv, queries, train, refine_data=train, refine_iterations=4, out_dir=out, **kwargs)
+    store = inf.QueryStore.build(model, task, curv, queries, rank=None)
+    with pytest.raises(ValueError, match=r"pass refine_data to QueryStore\.build"):
+        inf.scan(model, task, curv, queries, train, store=store, refine_data=train, progress=False)
+    with pytest.raises(ValueError, match="refine_iterations must be ≥ 1"):
+        inf.scan(model, task, curv, queries, train, refine_data=train, refine_iterations=0, progress=False)

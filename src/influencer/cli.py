@@ -826,6 +826,30 @@ def _scan_data_settings(recorded: dict[str, Any], data: str | None, **given: Any
                           pick("packing", False), pick("truncation", "right"), pick("bos", False), pick("eos", None))
 
 
+def _refine_batch(timer: _Timer, tok: Any, record: dict[str, Any], settings: dict[str, Any], seqs: Sequences,
+                  data: str | None, steps: int, first: int | None) -> dict[str, Any] | None:
+    """The fit's sequences (the data the curvature describes), first ``first`` of them, for ``--refine``."""
+    if steps == 0:
+        if first is not None:
+            raise UserError("--refine-sequences needs --refine N (N ≥ 1 steps)")
+        return None
+    import torch
+
+    from influencer.data import sequence_digest
+
+    if data is None and settings.get("sequences") == record["data"].get("sequences"):
+        fit = seqs  # the scanned data is the fit's data
+    else:
+        with timer.stage("refinement data", "the fit's sequences"):
+            _, fit = _read_training(timer, tok, _scan_data_settings(record["data"], None))
+        if record["data"].get("digest") not in (None, sequence_digest(fit.batch)):
+            raise UserError(f"the fit's training data at {record['data'].get('source')} changed since the fit (other "
+                            "tokens), so --refine has no data the curvature describes")
+    n = int(fit.batch["input_ids"].shape[0])
+    take = n if first is None else min(first, n)
+    return {k: v[:take] if isinstance(v, torch.Tensor) else v for k, v in fit.batch.items()}
+
+
 def _short_layer(name: str, names: Sequence[str]) -> str:
     """``name`` without the dotted prefix all tracked layers share (``model.layers.``)."""
     parts = [n.split(".") for n in names]
@@ -899,6 +923,14 @@ def scan(
                                    rich_help_panel=_SCAN),
     keep_scores: bool = typer.Option(False, "--keep-scores", help="Also keep the full score matrix (queries × N).",
                                      rich_help_panel=_SCAN),
+    refine: int = typer.Option(0, "--refine", min=0, show_default="0: off",
+                               help="Refine each query by N steps of conjugate gradients on the full Gauss-Newton "
+                                    "matrix over the fit's sequences, preconditioned by the curvature (closer to "
+                                    "the exact influence; each step costs about one pass over them per query).",
+                               rich_help_panel=_SCAN),
+    refine_sequences: int | None = typer.Option(None, "--refine-sequences", min=1, show_default="all",
+                                                help="Refine on the first N of the fit's sequences.",
+                                                rich_help_panel=_SCAN),
     show: int = typer.Option(5, "--show", min=0, help="Hits printed per query.", rich_help_panel=_SCAN),
     shard_size: int = typer.Option(1024, "--shard-size", min=1,
                                    help="Sequences per resumable shard.", rich_help_panel=_SCAN),
@@ -998,6 +1030,7 @@ def scan(
             _check_positions(net, seqs.batch, "training sequences", "--max-length")
             _check_positions(net, qbatch, "queries", "--query-max-length")
             candidates = None
+            refine_batch = _refine_batch(timer, tok, record, settings, seqs, data, refine, refine_sequences)
             if prefilter is not None and dist.is_main():  # rank 0 ranks the candidates, every rank scans them
                 from influencer.prefilter import BM25Index, completion_mask
 
@@ -1007,9 +1040,9 @@ def scan(
                                       ignore_ids=tok.all_special_ids)
                     _, candidates = index.candidates(qbatch, n=prefilter, query_mask=completion_mask(qbatch),
                                                      per_query=True)
-            return net, tok, curv, docs, seqs, digest, qbatch, qreport, candidates
+            return net, tok, curv, docs, seqs, digest, qbatch, qreport, candidates, refine_batch
 
-        net, tok, curv, docs, seqs, digest, qbatch, qreport, candidates = _agree(load)
+        net, tok, curv, docs, seqs, digest, qbatch, qreport, candidates, refine_batch = _agree(load)
         if prefilter is not None and dist.world_size() > 1:
             candidates = dist.broadcast_tensors(None if candidates is None else {"c": candidates})["c"]
         task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
@@ -1028,9 +1061,9 @@ def scan(
                 result = inf.scan(net, task, curv, qbatch, seqs.batch, rank=rank or None, top_k=top_k,
                                   batch_size=batch_size, candidates=candidates, keep_scores=keep_scores,
                                   tokens=tokens, out_dir=partial, shard_size=shard_size, n_train=n_train,
-                                  progress=True)
+                                  refine_data=refine_batch, refine_iterations=refine or 10, progress=True)
             except ValueError as exc:
-                if "holds a scan" in str(exc):
+                if "holds a scan" in str(exc) or "other query refinement settings" in str(exc):
                     raise UserError(f"{run / SCAN_PARTIAL} holds an unfinished scan of other queries or settings; "
                                     "pass --overwrite to discard it") from None
                 raise
@@ -1047,6 +1080,8 @@ def scan(
                      "digest": digest},
             "settings": {"rank": rank or None, "top_k": top_k, "prefilter": prefilter, "tokens": tokens,
                          "keep_scores": keep_scores, "batch_size": batch_size, "shard_size": shard_size,
+                         "refine": refine, "refine_sequences": None if refine_batch is None
+                         else int(refine_batch["input_ids"].shape[0]),
                          "n_train": result.n_train, "device": device, "resumed": resumed,
                          "processes": dist.world_size()},
             "versions": versions(),

@@ -142,13 +142,14 @@ class QueryStore:
     @amp_aware
     def build(cls, model: nn.Module, task: Task, curvature: Curvature, queries: Any, *, rank: int | None = 32,
               batch_size: int = 16, refine_data: Any = None, refine_iterations: int = 10,
-              progress: bool = False) -> QueryStore:
+              refine_batch_size: int = 256, progress: bool = False) -> QueryStore:
         """Measurement gradients → preconditioned → rank ``rank`` (None: keep every layer exact).
 
         Queries are processed ``batch_size`` at a time and compressed before the next chunk, so the dense
         [Q, d_out, w] gradients of all queries never coexist (peak memory ∝ batch_size, not Q).
         refine_data: training data; when given, the preconditioning is refined by ``refine_iterations`` steps of
-        conjugate gradients on the full Gauss-Newton matrix over it (:func:`influencer.refine_queries`).
+        conjugate gradients on the full Gauss-Newton matrix over it (:func:`influencer.refine_queries`), taking
+        ``refine_batch_size`` of its examples per Gauss-Newton pass.
         """
         n = len(task.as_dataset(queries, queries=True))  # type: ignore[arg-type]
         if n == 0:
@@ -163,7 +164,8 @@ class QueryStore:
                     from influencer.refine import refine_queries
 
                     precond = refine_queries(model, task, curvature, chunk, refine_data,
-                                             iterations=refine_iterations, query_chunk=batch_size)
+                                             iterations=refine_iterations, batch_size=refine_batch_size,
+                                             query_chunk=batch_size)
                 parts.append(cls.from_preconditioned(precond, rank))
                 bar.update(min(batch_size, n - lo))
         return cls.concat(parts, meta={"strategy": curvature.strategy,

@@ -374,7 +374,8 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
          candidates: Sequence[torch.Tensor] | torch.Tensor | None = None, keep_scores: bool = False,
          tokens: bool = True, out_dir: str | os.PathLike | None = None, shard_size: int = 1024,
          data_range: tuple[int, int] | None = None, n_train: int | None = None, contraction: str | None = None,
-         dense_budget: int = DEFAULT_DENSE_BUDGET, progress: bool = True) -> ScanResult:
+         dense_budget: int = DEFAULT_DENSE_BUDGET, refine_data: Any = None, refine_iterations: int = 10,
+         progress: bool = True) -> ScanResult:
     """Score every training sequence against every query in one pass; returns a :class:`ScanResult`.
 
     rank: rank of the stored queries (None = exact). top_k: hits kept per query (positive, negative, per band).
@@ -386,6 +387,10 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
     data_range: scan only training sequences [start, stop) — a partition; :func:`merge_scans` combines the
         partitions of a training set into the result of one scan.
     contraction: force "tokens" or "materialize" (default: the cost model decides per layer).
+    refine_data: training data (the set the curvature describes, or a subset); when given, every query's
+        preconditioned gradient is refined by ``refine_iterations`` steps of EK-FAC-preconditioned conjugate
+        gradients on the full damped Gauss-Newton matrix over it before the scan (:func:`influencer.refine_queries`;
+        docs/VALIDATION.md §5.1). Each step costs about one Gauss-Newton pass over ``refine_data`` per query.
 
     Inside a torch.distributed process group rank 0 builds the query store and broadcasts it, the shards are
     spread over the ranks, and every rank returns the same merged result (rank 0 writes ``out_dir``).
@@ -396,6 +401,15 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
         raise ValueError(f"contraction must be None, 'tokens' or 'materialize', got {contraction!r}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
+    refine: dict[str, Any] | None = None
+    if refine_data is not None:
+        if store is not None:
+            raise ValueError("refine_data refines the queries while the store is built; a given store is used as "
+                             "it is: pass refine_data to QueryStore.build instead")
+        if refine_iterations < 1:
+            raise ValueError(f"refine_iterations must be ≥ 1 with refine_data, got {refine_iterations}")
+        refine = {"iterations": int(refine_iterations), "data": _digest(task, refine_data, queries=False),
+                  "data_size": len(task.as_dataset(refine_data))}  # type: ignore[arg-type]
     layers = curvature.bind(model)
     dataset = task.as_dataset(train)
     n = len(dataset)  # type: ignore[arg-type]
@@ -407,11 +421,13 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
         return _scan(model, task, curvature, layers, queries, dataset, store=store, rank=rank, top_k=top_k,
                      batch_size=batch_size, candidates=candidates, keep_scores=keep_scores, tokens=tokens, out=out,
                      shard_size=shard_size, data_range=(lo, hi), n_train=n_train, contraction=contraction,
-                     dense_budget=dense_budget, progress=progress)
+                     dense_budget=dense_budget, refine=refine, refine_data=refine_data, progress=progress)
 
 
 def _resident_store(model: nn.Module, task: Task, curvature: Curvature, queries: Any, store: QueryStore | None,
-                    rank: int | None, out: Path | None, query_digest: str, progress: bool) -> QueryStore:
+                    rank: int | None, out: Path | None, query_digest: str, progress: bool,
+                    refine: dict[str, Any] | None = None, refine_data: Any = None,
+                    batch_size: int = 16) -> QueryStore:
     """The query store: given, loaded from the run directory, or built — once, on rank 0, then broadcast."""
     if store is not None:
         return store
@@ -421,9 +437,18 @@ def _resident_store(model: nn.Module, task: Task, curvature: Curvature, queries:
             loaded = QueryStore.load(out)
             if loaded.meta.get("queries") != query_digest:
                 raise ValueError(f"'{out}' holds a scan of other queries; use another out_dir or delete it")
+            if loaded.meta.get("refine") != refine:
+                raise ValueError(f"'{out}' holds a scan with other query refinement settings; use another out_dir "
+                                 "or delete it")
             return loaded
-        built = QueryStore.build(model, task, curvature, queries, rank=rank, progress=progress)
+        if refine is None:
+            built = QueryStore.build(model, task, curvature, queries, rank=rank, progress=progress)
+        else:
+            built = QueryStore.build(model, task, curvature, queries, rank=rank, refine_data=refine_data,
+                                     refine_iterations=refine["iterations"], refine_batch_size=batch_size,
+                                     progress=progress)
         built.meta["queries"] = query_digest
+        built.meta["refine"] = refine
         if out is not None:
             built.save(out)
         return built
@@ -469,10 +494,12 @@ def _scan(model: nn.Module, task: Task, curvature: Curvature, layers: list[Layer
           store: QueryStore | None, rank: int | None, top_k: int, batch_size: int,
           candidates: Sequence[torch.Tensor] | torch.Tensor | None, keep_scores: bool, tokens: bool,
           out: Path | None, shard_size: int, data_range: tuple[int, int], n_train: int | None,
-          contraction: str | None, dense_budget: int, progress: bool) -> ScanResult:
+          contraction: str | None, dense_budget: int, refine: dict[str, Any] | None, refine_data: Any,
+          progress: bool) -> ScanResult:
     n = len(dataset)
     query_digest = _digest(task, queries)
-    store = _resident_store(model, task, curvature, queries, store, rank, out, query_digest, progress)
+    store = _resident_store(model, task, curvature, queries, store, rank, out, query_digest, progress,
+                            refine=refine, refine_data=refine_data, batch_size=batch_size)
     q = store.n_queries
     allowed_mask, order = _candidates(candidates, q, n)
     lo, hi = data_range
@@ -489,6 +516,8 @@ def _scan(model: nn.Module, task: Task, curvature: Curvature, layers: list[Layer
               "curvature": curvature.fingerprint.get("digest"), "strategy": curvature.strategy,
               "damping": [f.damping for f in curvature.layers.values()],
               "candidates": hashlib.sha256(order.numpy().tobytes()).hexdigest()}
+    if refine is not None:  # only when set, so the shards of earlier unrefined scans stay valid
+        config["refine"] = refine
     if data_range != (0, n):
         config["data_range"] = list(data_range)
     config_digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
@@ -541,7 +570,8 @@ def _scan(model: nn.Module, task: Task, curvature: Curvature, layers: list[Layer
                         len(order), meta={"rank": store.rank, "modes": modes, "n_dataset": n,
                                           "prefiltered": candidates is not None, "keep_scores": keep_scores,
                                           "store": store.memory_report(), "query_digest": query_digest,
-                                          "top_k": top_k, "data_range": list(data_range)})
+                                          "top_k": top_k, "data_range": list(data_range),
+                                          "refine": refine})
     result.directory = out
     if tokens:
         attribute_tokens(model, task, store, layers, dataset, result, batch_size=batch_size,
@@ -557,10 +587,10 @@ def _scan(model: nn.Module, task: Task, curvature: Curvature, layers: list[Layer
     return result
 
 
-def _digest(task: Task, data: Any) -> str:
-    """sha256 of every tensor of every example (identifies a query set or a training set)."""
+def _digest(task: Task, data: Any, queries: bool = True) -> str:
+    """sha256 of every tensor of every example (identifies a query set, or with ``queries=False`` a training set)."""
     h = hashlib.sha256()
-    dataset = task.as_dataset(data, queries=True)
+    dataset = task.as_dataset(data, queries=queries)
     for i in range(len(dataset)):  # type: ignore[arg-type]
         ex = dataset[i]
         parts = ex.values() if isinstance(ex, dict) else ex
