@@ -37,11 +37,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_fit.py
 
-validate: $(STAMP)  # the runs recorded in docs/VALIDATION.md (~1.3 h on 1 thread); paper-size commands are there too
+validate: $(STAMP)  # the runs recorded in docs/VALIDATION.md (~3 h on 1 thread); paper-size commands are there too
 	$(PY) benchmarks/validate_experiment.py --setup concrete --train-points 200 --methods $(VALIDATE_METHODS)
 	$(PY) benchmarks/validate_experiment.py --setup digits --train-points 120 --pbrf-tol 3e-2 --methods $(VALIDATE_METHODS)
 	$(PY) benchmarks/validate_lds.py --setup concrete --subsets 500 --measurements 50 --strategies identity,diagonal,kfac,ekfac,exact
 	$(PY) benchmarks/validate_lds.py --setup digits --subsets 200 --measurements 20
+	$(PY) benchmarks/validate_experiment.py --setup kjv-lm --train-points 40 --lissa-depth 2000 --methods $(VALIDATE_METHODS)
+	$(PY) benchmarks/validate_lds.py --setup kjv-lm --subsets 100 --measurements 10
 	$(PY) benchmarks/validate_refine.py --setup concrete --train-points 200
 	$(PY) benchmarks/validate_refine.py --setup digits --train-points 120
 
