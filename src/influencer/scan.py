@@ -441,12 +441,9 @@ def _resident_store(model: nn.Module, task: Task, curvature: Curvature, queries:
                 raise ValueError(f"'{out}' holds a scan with other query refinement settings; use another out_dir "
                                  "or delete it")
             return loaded
-        if refine is None:
-            built = QueryStore.build(model, task, curvature, queries, rank=rank, progress=progress)
-        else:
-            built = QueryStore.build(model, task, curvature, queries, rank=rank, refine_data=refine_data,
-                                     refine_iterations=refine["iterations"], refine_batch_size=batch_size,
-                                     progress=progress)
+        built = QueryStore.build(model, task, curvature, queries, rank=rank, refine_data=refine_data,
+                                 refine_iterations=refine["iterations"] if refine else 10,
+                                 refine_batch_size=batch_size, progress=progress)
         built.meta["queries"] = query_digest
         built.meta["refine"] = refine
         if out is not None:
