@@ -154,7 +154,8 @@ def test_scan_matches_the_library_and_prints_hits(ws, tmp_path):
     out = ok(invoke("scan", run, "--queries", ws.queries, "--rank", "0", "--top-k", "5", "--per-layer",
                     "--keep-scores"))
     for piece in ("Query 1", "In the beginning God created", "Query 2", "train.jsonl:", "scan timings",
-                  "query gradients", "token attribution", "per copy = influence / N with N = 24", "up_proj"):
+                  "query gradients", "token attribution", "per copy = influence / N with N = 24", "up_proj",
+                  "unrefined curvature"):
         assert piece in out, piece
     assert (run / "scan" / "result.json").is_file() and not (run / "scan.partial").exists()
     request = json.loads((run / "scan" / "request.json").read_text())
@@ -210,8 +211,9 @@ def test_scan_refine_matches_the_library(ws, tmp_path):
     _copy(ws.run, run)
     line = error_line(invoke("scan", run, "--queries", ws.queries, "--refine-sequences", "8"), code=1)
     assert "--refine-sequences needs --refine" in line
-    ok(invoke("scan", run, "--queries", ws.queries, "--rank", "0", "--keep-scores", "--no-tokens", "--refine", "3",
-              "--refine-sequences", "16"))
+    out = ok(invoke("scan", run, "--queries", ws.queries, "--rank", "0", "--keep-scores", "--no-tokens",
+                    "--refine", "3", "--refine-sequences", "16"))
+    assert "unrefined curvature" not in out  # the magnitude caveat is only for unrefined scans
     request = json.loads((run / "scan" / "request.json").read_text())
     assert request["settings"]["refine"] == 3 and request["settings"]["refine_sequences"] == 16
     result = inf.ScanResult.load(run / "scan")

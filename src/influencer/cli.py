@@ -48,6 +48,12 @@ __all__ = ["app"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 LAYER_PRESETS = ("mlp", "attention", "all")
+# Printed after an unrefined scan: the measured limit of plain (E)K-FAC magnitudes (docs/VALIDATION.md §5.1).
+UNREFINED_SCALE_NOTE = (
+    "unrefined curvature: trust the ranking more than the size. On SmolLM2 fitted on 16-64 sequences, plain "
+    "EK-FAC's influences were 585-1,600x larger than after one refinement step (docs/VALIDATION.md §5.1); "
+    "--refine 1 rescales them"
+)
 
 
 class _Choice(str, Enum):
@@ -1099,6 +1105,8 @@ def scan(
         _print_hits(console, tok, result, query_list, seqs, show=show, per_layer=per_layer)
     _say(console, f"per copy = influence / N with N = {result.n_train}: the predicted change of log p(completion) "
                   "in nats from adding one copy of the sequence")
+    if not refine and record["fit"]["strategy"] != "identity":
+        _say(console, UNREFINED_SCALE_NOTE)
     _say(console, f"wrote {run / SCAN}")
     _timing_table(console, timer, _timings_title("scan", processes))
 
