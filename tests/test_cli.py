@@ -268,6 +268,7 @@ def test_report_with_the_real_module(ws, tmp_path):
     out = ok(invoke("report", run))
     html = (run / "report.html").read_text(encoding="utf-8")
     assert "wrote" in out and "In the beginning God created" in html
+    assert "unrefined curvature: trust the ranking" in html  # the magnitude caveat reaches the report's notes
 
 
 def test_report_calls_write_report_with_the_documented_arguments(ws, tmp_path, monkeypatch):

@@ -89,7 +89,9 @@ def test_refinement_errors_are_clear() -> None:
 def test_scan_with_a_refined_store_gives_the_refined_scores() -> None:
     model, task, train, queries, curv = _ekfac("mlp-classification")
     store = inf.QueryStore.build(model, task, curv, queries, rank=None, refine_data=train, refine_iterations=4)
+    assert store.meta["refine"] == {"iterations": 4, "data_size": len(task.as_dataset(train))}
     result = inf.scan(model, task, curv, queries, train, store=store, keep_scores=True, tokens=False, progress=False)
+    assert result.meta["refine"] == store.meta["refine"]  # a given store's refinement is reported with the result
     expected = inf.pairwise_scores(model, task, curv, queries, train, refine_data=train, refine_iterations=4,
                                    progress=False).total
     plain = inf.pairwise_scores(model, task, curv, queries, train, progress=False).total

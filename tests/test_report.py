@@ -160,6 +160,7 @@ def test_structure_and_token_heatmaps(scans, full_report) -> None:
     assert len(page.find("img")) == 2 * (2 + 3)
     assert "BM25 prefilter" not in html and "hostile note" in html and "run: rank 8, ekfac" in html
     assert "power-law exponent" in html or "No power-law fit" in html
+    assert "query refinement" in html and "none (the curvature&#39;s own answer" in html
 
 
 def test_hostile_text_is_escaped(full_report) -> None:

@@ -1206,6 +1206,8 @@ def report(
         ]
         if request["settings"].get("prefilter"):
             notes.append(f"BM25 prefilter: top {request['settings']['prefilter']} sequences per query were scored")
+        if not request["settings"].get("refine") and fit_info["strategy"] != "identity":
+            notes.append(UNREFINED_SCALE_NOTE)
         with timer.stage("write report"):
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")

@@ -168,8 +168,10 @@ class QueryStore:
                                              query_chunk=batch_size)
                 parts.append(cls.from_preconditioned(precond, rank))
                 bar.update(min(batch_size, n - lo))
+        refine = None if refine_data is None else {
+            "iterations": int(refine_iterations), "data_size": len(task.as_dataset(refine_data))}  # type: ignore[arg-type]
         return cls.concat(parts, meta={"strategy": curvature.strategy,
-                                       "fingerprint": curvature.fingerprint.get("digest")})
+                                       "fingerprint": curvature.fingerprint.get("digest"), "refine": refine})
 
     @classmethod
     def concat(cls, parts: list[QueryStore], meta: dict[str, Any] | None = None) -> QueryStore:

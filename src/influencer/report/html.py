@@ -110,9 +110,16 @@ def _summary(result: ScanResult, full: bool) -> list[tuple[str, str]]:
             ("N for per-copy values", str(result.n_train)),
             ("tracked layers", f"{len(result.layer_names)}"),
             ("query rank", "exact" if meta.get("rank") is None else str(meta.get("rank"))),
+            ("query refinement", _refinement(meta.get("refine"))),
             ("full scores kept", "yes" if full else "no (tail statistics from running totals and hits)"),
             ("token scores", "yes" if result.token_scores else "no")]
     return rows
+
+
+def _refinement(refine: Any) -> str:
+    if not refine:
+        return "none (the curvature's own answer: rank by it, sizes may be far off; docs/VALIDATION.md §5.1)"
+    return f"{refine['iterations']} CG steps over {refine['data_size']} training examples"
 
 
 def _token_spans(tokens: Sequence[str], values: Sequence[float]) -> list[dict[str, str]]:
