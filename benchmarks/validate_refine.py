@@ -35,6 +35,7 @@ from influencer.validate import (
     scores_from_ihvp,
     train_gradients,
 )
+from influencer.validate.cli import _overrides
 from influencer.validate.experiment import DAMPING_FACTORS, _indices
 
 
@@ -45,11 +46,13 @@ def main() -> None:
     ap.add_argument("--train-points", type=int, default=200)
     ap.add_argument("--damping-factor", type=float, default=None, help="default: the PBRF experiment's")
     ap.add_argument("--iterations", default="0,1,2,3,5,10,20,40")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="setup setting override, e.g. n_train=512 (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    s = load_setup(args.setup, seed=args.seed)
+    s = load_setup(args.setup, seed=args.seed, **_overrides(args.overrides))
     fm = FlatModel(s.model, s.task, s.layers)
     t = time.perf_counter()
     ekfac = inf.fit_curvature(s.model, s.task, s.train, strategy="ekfac", layers=s.layers, seed=args.seed,
@@ -87,7 +90,9 @@ def main() -> None:
         rows.append(f"| {k} | {corr(refined):.3f} | {t_refined:.2f} | {corr(plain):.3f} | {t_plain:.2f} |")
         print(rows[-1], flush=True)
     head = (f"**{s.name}** — Pearson with exact damped full-GNH influence (CG to 1e-8: {exact_steps} steps, "
-            f"{exact_seconds:.1f} s), {args.measurements} measurements × {args.train_points} training points; "
+            f"{exact_seconds:.1f} s), {args.measurements} measurements × {args.train_points} training points "
+            f"(N = {s.n_train}{', ' + str(s.info['tokens']) + ' tokens' if 'tokens' in s.info else ''}, "
+            f"P = {fm.P:,} tracked parameters); "
             f"λ = {lam:.4g} ({factor:g} × mean eigenvalue of G); EK-FAC times include its fit ({fit_seconds:.2f} s) "
             f"and scoring; 1 thread.")
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
