@@ -48,12 +48,6 @@ __all__ = ["app"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 LAYER_PRESETS = ("mlp", "attention", "all")
-# Printed after an unrefined scan: the measured limit of plain (E)K-FAC magnitudes (docs/VALIDATION.md §5.1).
-UNREFINED_SCALE_NOTE = (
-    "unrefined curvature: trust the ranking more than the size. On SmolLM2 fitted on 16-64 sequences, plain "
-    "EK-FAC's influences were 585-1,600x larger than after one refinement step (docs/VALIDATION.md §5.1); "
-    "--refine 1 rescales them"
-)
 
 
 class _Choice(str, Enum):
@@ -1106,6 +1100,8 @@ def scan(
     _say(console, f"per copy = influence / N with N = {result.n_train}: the predicted change of log p(completion) "
                   "in nats from adding one copy of the sequence")
     if not refine and record["fit"]["strategy"] != "identity":
+        from influencer.refine import UNREFINED_SCALE_NOTE
+
         _say(console, UNREFINED_SCALE_NOTE)
     _say(console, f"wrote {run / SCAN}")
     _timing_table(console, timer, _timings_title("scan", processes))
@@ -1207,6 +1203,8 @@ def report(
         if request["settings"].get("prefilter"):
             notes.append(f"BM25 prefilter: top {request['settings']['prefilter']} sequences per query were scored")
         if not request["settings"].get("refine") and fit_info["strategy"] != "identity":
+            from influencer.refine import UNREFINED_SCALE_NOTE
+
             notes.append(UNREFINED_SCALE_NOTE)
         with timer.stage("write report"):
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ whose addition would most increase log p(completion | prompt); writes ``report.h
 from __future__ import annotations
 
 import argparse
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 import influencer as inf
 from influencer.data import kjv_verses, tokenize_queries, tokenize_texts
 from influencer.models import load_model
+from influencer.refine import UNREFINED_SCALE_NOTE
 
 DEFAULT_LAYERS = r"model\.layers\.[0-5]\.mlp\."
 
@@ -112,9 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     print("Per copy = I / N: the predicted change of log p(completion) from adding one copy of the verse to an")
     print(f"N = {len(verses)}-verse training set.")
     if args.strategy != "identity":
-        print("Read it as a ranking more than a size: on SmolLM2 fitted on 16-64 verses, plain EK-FAC's influences")
-        print("were 585-1,600x larger than after one refinement step (docs/VALIDATION.md §5.1;")
-        print("`influencer scan --refine 1` or `refine_data=` rescales them).")
+        print(textwrap.fill(UNREFINED_SCALE_NOTE, 110))
     print("[brackets] mark the 3 tokens with the largest tokenwise influence (the token before a predicted one).")
     report = _write_report(result, tok, train, verses, Path(args.out) / "report.html", top=max(args.top, 5),
                            n_fit=len(texts))

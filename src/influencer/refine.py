@@ -36,7 +36,15 @@ from influencer.progress import progress_bar
 from influencer.queries import _slice_rows, measurement_gradients
 from influencer.tasks import Task
 
-__all__ = ["conjugate_gradients", "curvature_preconditioner", "damped_gnh_operator", "refine_queries"]
+__all__ = ["UNREFINED_SCALE_NOTE", "conjugate_gradients", "curvature_preconditioner", "damped_gnh_operator",
+           "refine_queries"]
+
+#: Shown with unrefined scores (CLI scan and report, demo): the measured limit of plain (E)K-FAC magnitudes.
+UNREFINED_SCALE_NOTE = (
+    "unrefined curvature: trust the ranking more than the size. On SmolLM2 fitted on 16-64 sequences, plain "
+    "EK-FAC's influences were 585-1,600x larger than after one refinement step (docs/VALIDATION.md §5.1); "
+    "--refine 1 (refine_data= in Python) rescales them"
+)
 
 
 def conjugate_gradients(apply: Callable[[Tensor], Tensor], v: Tensor, *, rtol: float = 1e-8, max_iter: int = 5000,

@@ -568,7 +568,7 @@ def _scan(model: nn.Module, task: Task, curvature: Curvature, layers: list[Layer
                                           "prefiltered": candidates is not None, "keep_scores": keep_scores,
                                           "store": store.memory_report(), "query_digest": query_digest,
                                           "top_k": top_k, "data_range": list(data_range),
-                                          "refine": refine if refine is not None else store.meta.get("refine")})
+                                          "refine": store.meta.get("refine")})
     result.directory = out
     if tokens:
         attribute_tokens(model, task, store, layers, dataset, result, batch_size=batch_size,
