@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     print("Per copy = I / N: the predicted change of log p(completion) from adding one copy of the verse to an")
     print(f"N = {len(verses)}-verse training set.")
     if args.strategy != "identity":
-        print(textwrap.fill(UNREFINED_SCALE_NOTE, 110))
+        print(textwrap.fill(UNREFINED_SCALE_NOTE, 110, break_on_hyphens=False))
     print("[brackets] mark the 3 tokens with the largest tokenwise influence (the token before a predicted one).")
     report = _write_report(result, tok, train, verses, Path(args.out) / "report.html", top=max(args.top, 5),
                            n_fit=len(texts))
