@@ -28,11 +28,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) -m influencer.demo
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check .
+test: lint
 	$(PY) -m pytest -q tests
 
-lint: $(STAMP)
+lint: $(STAMP)  # part of `make test`; `.venv/bin/ruff format .` fixes formatting
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

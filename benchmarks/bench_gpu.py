@@ -35,9 +35,19 @@ import influencer as inf
 from influencer.scan import attribute_tokens
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
-               rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu")
+SMOLLM2 = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+)
 
 
 def log(msg: str) -> None:
@@ -118,32 +128,40 @@ def subset(train: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     return {k: v[:n] for k, v in train.items()}
 
 
-def floor_pass(model: torch.nn.Module, task: inf.CausalLM, train: dict[str, torch.Tensor], batch: int,
-               amp: Callable[[], Any]) -> None:
+def floor_pass(
+    model: torch.nn.Module, task: inf.CausalLM, train: dict[str, torch.Tensor], batch: int, amp: Callable[[], Any]
+) -> None:
     n = len(train["input_ids"])
     for lo in range(0, n, batch):
-        b = {k: v[lo:lo + batch].to(DEVICE) for k, v in train.items()}
+        b = {k: v[lo : lo + batch].to(DEVICE) for k, v in train.items()}
         with amp():
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), b["input_ids"][:, 1:].flatten(),
-                                                 reduction="none")
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), b["input_ids"][:, 1:].flatten(), reduction="none"
+        )
         (loss * b["attention_mask"][:, 1:].flatten()).sum().backward()
         model.zero_grad(set_to_none=True)
 
 
-def run(args: argparse.Namespace, precision: str, model32: torch.nn.Module, train: dict[str, torch.Tensor],
-        text: Any) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, precision: str, model32: torch.nn.Module, train: dict[str, torch.Tensor], text: Any
+) -> dict[str, Any]:
     model = copy.deepcopy(model32).to(DEVICE, torch.bfloat16 if precision == "bf16" else torch.float32)
-    amp: Callable[[], Any] = ((lambda: torch.autocast(DEVICE.type, dtype=torch.bfloat16)) if precision == "autocast"
-                              else contextlib.nullcontext)
+    amp: Callable[[], Any] = (
+        (lambda: torch.autocast(DEVICE.type, dtype=torch.bfloat16))
+        if precision == "autocast"
+        else contextlib.nullcontext
+    )
     pad = 0 if text is None else (text[0].pad_token_id or 0)
     task = inf.CausalLM(pad_token_id=pad)
     fit_set, scan_set = subset(train, args.fit_seqs), subset(train, args.scan_seqs)
     fit_tokens = int(fit_set["attention_mask"].sum())
     scan_tokens = int(scan_set["attention_mask"].sum())
     if text is None:
-        queries = {"input_ids": train["input_ids"][: args.queries, :32],
-                   "prompt_length": torch.full((args.queries,), 16)}
+        queries = {
+            "input_ids": train["input_ids"][: args.queries, :32],
+            "prompt_length": torch.full((args.queries,), 16),
+        }
         sources = None
     else:
         from influencer.data import split_verse_queries, tokenize_queries
@@ -153,28 +171,44 @@ def run(args: argparse.Namespace, precision: str, model32: torch.nn.Module, trai
         queries = tokenize_queries(text[0], prompts, completions, max_length=args.max_len)
         sources = pick
     res: dict[str, dict[str, float]] = {}
-    log(f"[{precision}] fit {args.fit_seqs} seqs ({fit_tokens} tokens), scan {args.scan_seqs} seqs "
-        f"({scan_tokens} tokens), Q={args.queries}, rank {args.rank}, layers {args.layers}")
+    log(
+        f"[{precision}] fit {args.fit_seqs} seqs ({fit_tokens} tokens), scan {args.scan_seqs} seqs "
+        f"({scan_tokens} tokens), Q={args.queries}, rank {args.rank}, layers {args.layers}"
+    )
     with amp():
         floor_pass(model, task, subset(fit_set, 2 * args.batch), args.batch, amp)  # warm-up
         with stage("floor", res, fit_tokens):
             floor_pass(model, task, fit_set, args.batch, amp)
         with stage("fit", res, fit_tokens), fit_breakdown() as parts:
-            curv = inf.fit_curvature(model, task, fit_set, layers=args.layers, batch_size=args.batch,
-                                     progress=False)
+            curv = inf.fit_curvature(model, task, fit_set, layers=args.layers, batch_size=args.batch, progress=False)
         res["fit"]["parts"] = parts  # type: ignore[assignment]
         log("  fit parts: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
         with stage("store", res, int(queries["input_ids"].numel())):
             store = inf.QueryStore.build(model, task, curv, queries, rank=args.rank, batch_size=16)
         with stage("scan", res, scan_tokens):
-            result = inf.scan(model, task, curv, queries, scan_set, store=store, rank=args.rank, top_k=10,
-                              batch_size=args.batch, tokens=False, progress=False)
+            result = inf.scan(
+                model,
+                task,
+                curv,
+                queries,
+                scan_set,
+                store=store,
+                rank=args.rank,
+                top_k=10,
+                batch_size=args.batch,
+                tokens=False,
+                progress=False,
+            )
         hits = len({i for q in range(result.n_queries) for i in (h.index for h in result.top(q))})
         layers = curv.bind(model)
         with stage("token pass", res, hits):
             attribute_tokens(model, task, store, layers, task.as_dataset(scan_set), result, batch_size=args.batch)
-    out: dict[str, Any] = {"precision": precision, "stages": res, "modes": sorted(set(result.meta["modes"].values())),
-                           "store": result.meta["store"]}
+    out: dict[str, Any] = {
+        "precision": precision,
+        "stages": res,
+        "modes": sorted(set(result.meta["modes"].values())),
+        "store": result.meta["store"],
+    }
     if sources is not None:
         ranks = []
         for q, src in enumerate(sources):
@@ -194,8 +228,9 @@ def markdown(args: argparse.Namespace, runs: list[dict[str, Any]], env: dict[str
     for r in runs:
         for name, s in r["stages"].items():
             unit = "hits/s" if name == "token pass" else ""
-            lines.append(f"| {r['precision']} | {name} | {s['s']:.2f} | {s['tokens_per_s']:,.0f} {unit} | "
-                         f"{s['peak_gib']:.2f} |")
+            lines.append(
+                f"| {r['precision']} | {name} | {s['s']:.2f} | {s['tokens_per_s']:,.0f} {unit} | {s['peak_gib']:.2f} |"
+            )
     lines.append("")
     for r in runs:
         floor = r["stages"]["floor"]["s"]
@@ -207,8 +242,10 @@ def markdown(args: argparse.Namespace, runs: list[dict[str, Any]], env: dict[str
         if "source_ranks" in r:
             ranks = r["source_ranks"]
             found = [x for x in ranks if x is not None]
-            lines.append(f"  - source verse in the top-10 for {len(found)}/{len(ranks)} queries, "
-                         f"rank 1 for {sum(x == 1 for x in found)}")
+            lines.append(
+                f"  - source verse in the top-10 for {len(found)}/{len(ranks)} queries, "
+                f"rank 1 for {sum(x == 1 for x in found)}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -230,14 +267,17 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
     if not torch.cuda.is_available():
         print("no CUDA device: a CPU dry run of the script (timings mean nothing)")
-    env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU dry run)",
-           "torch": torch.__version__, "python": platform.python_version(),
-           "cpu threads": str(torch.get_num_threads()),
-           "model": "SmolLM2-135M architecture, random weights" if args.random_init
-           else "SmolLM2-135M (built-in GGUF, de-quantized)",
-           "data": "random token ids" if args.random_init else "KJV verses, one per sequence",
-           }
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU dry run)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu threads": str(torch.get_num_threads()),
+        "model": "SmolLM2-135M architecture, random weights"
+        if args.random_init
+        else "SmolLM2-135M (built-in GGUF, de-quantized)",
+        "data": "random token ids" if args.random_init else "KJV verses, one per sequence",
+    }
     model, train, text = load(args.random_init, max(args.fit_seqs, args.scan_seqs), args.max_len)
     runs = [run(args, precision, model, train, text) for precision in args.precisions.split(",")]
     md = markdown(args, runs, env)

@@ -365,8 +365,10 @@ def build_store(s: ScanSetup, rank: int, chunk_bytes: int) -> None:
     for lo in range(0, s.distinct, chunk):
         sub = {k: v[lo : lo + chunk] for k, v in s.queries.items()}
         parts.append(inf.QueryStore.build(setup.model, setup.task, s.curv, sub, rank=rank))
-        log(f"  [{setup.name}] store: {min(lo + chunk, s.distinct)}/{s.distinct} queries "
-            f"({time.perf_counter() - t0:.0f} s)")
+        log(
+            f"  [{setup.name}] store: {min(lo + chunk, s.distinct)}/{s.distinct} queries "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
     s.store_s, s.store_chunk = time.perf_counter() - t0, chunk
 
     def cat(name: str, attr: str) -> torch.Tensor | None:
@@ -576,9 +578,11 @@ def measure(s: ScanSetup, args: argparse.Namespace) -> Measurement:
                 r.hits = hit_sequences(result)
                 r.times["token pass"].append(timed(lambda res=result, st=store: run_tokens(s, st, setup.train, res)))
             del result
-            log(f"  [{setup.name}] Q={q} repeat {rep + 1}/{args.repeats}: floor {r.floor[-1]:.2f} s, "
+            log(
+                f"  [{setup.name}] Q={q} repeat {rep + 1}/{args.repeats}: floor {r.floor[-1]:.2f} s, "
                 + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in r.times.items())
-                + f" (modes {mode_summary(r.modes)}; load {load_average()})")
+                + f" (modes {mode_summary(r.modes)}; load {load_average()})"
+            )
         m.floor.extend(r.floor)
         del store
         release_memory()
@@ -688,7 +692,7 @@ def results_table(rows: list[tuple[ScanSetup, Measurement]]) -> str:
     ]
     for s, m in rows:
         for r in m.per_q:
-            f = min(r.floor) if r.floor else min(m.floor, default=float('nan'))
+            f = min(r.floor) if r.floor else min(m.floor, default=float("nan"))
             if "auto" not in r.times:
                 out.append(
                     f"| {s.setup.name} | {r.q} | {f:.2f} | – | – | skipped ({r.skipped.get('auto')}) "
@@ -818,8 +822,10 @@ def wait_for_idle(pattern: str, max_s: float, poll_s: float = 30.0) -> str:
         if idle >= 2:
             return f"waited {waited:.0f} s for other benchmark processes to finish"
         if waited >= max_s:
-            return (f"gave up waiting after {waited:.0f} s; still running: {len(found)} process(es) matching it, "
-                    f"load average {load_average()}")
+            return (
+                f"gave up waiting after {waited:.0f} s; still running: {len(found)} process(es) matching it, "
+                f"load average {load_average()}"
+            )
         if found:
             log(f"waiting for {len(found)} process(es) matching {pattern!r} ({waited:.0f} s)")
         time.sleep(poll_s)
@@ -863,8 +869,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2048,
         help="memory for one QueryStore.build chunk (dense + preconditioned gradients)",
     )
-    p.add_argument("--mem-wait", type=float, default=900,
-                   help="seconds to wait for free memory before skipping a measurement (default 900)")
+    p.add_argument(
+        "--mem-wait",
+        type=float,
+        default=900,
+        help="seconds to wait for free memory before skipping a measurement (default 900)",
+    )
     p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up (best is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--profile", action="store_true", help="add one instrumented run (stage breakdown)")

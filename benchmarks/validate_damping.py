@@ -60,9 +60,10 @@ def _expected_ekfac(s, fm: FlatModel, ekfac: inf.Curvature, chunk: int = 8) -> i
     lam: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for lo in range(0, len(x_all), chunk):
-            xb, yb = x_all[lo:lo + chunk], y_all[lo:lo + chunk]
+            xb, yb = x_all[lo : lo + chunk], y_all[lo : lo + chunk]
             jac = vmap(jacrev(lambda th, x, y: fm.outputs(th, (x[None], y[None]))[0]), in_dims=(None, 0, 0))(
-                fm.theta0, xb, yb)  # [B, K, P]
+                fm.theta0, xb, yb
+            )  # [B, K, P]
             if isinstance(s.task, inf.Classification):  # H = diag(p) − ppᵀ = Σ_k r_k r_kᵀ, r_k = √p_k (e_k − p)
                 p = fm.outputs(fm.theta0, (xb, yb)).softmax(-1)
                 root = p.sqrt()[:, :, None] * (torch.eye(p.shape[1], dtype=p.dtype) - p[:, None, :])
@@ -70,8 +71,8 @@ def _expected_ekfac(s, fm: FlatModel, ekfac: inf.Curvature, chunk: int = 8) -> i
             start = 0
             for layer in fm.layers:
                 n_w = layer.d_out * layer.d_in
-                w = jac[:, :, start:start + n_w].reshape(len(jac), jac.shape[1], layer.d_out, layer.d_in)
-                parts = [w, jac[:, :, start + n_w:start + n_w + layer.d_out, None]] if layer.bias else [w]
+                w = jac[:, :, start : start + n_w].reshape(len(jac), jac.shape[1], layer.d_out, layer.d_in)
+                parts = [w, jac[:, :, start + n_w : start + n_w + layer.d_out, None]] if layer.bias else [w]
                 start += n_w + (layer.d_out if layer.bias else 0)
                 f = ekfac.layers[layer.name]
                 rotated = f.qs[0].to(jac.dtype).T @ torch.cat(parts, -1) @ f.qa[0].to(jac.dtype)
@@ -96,10 +97,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-points", type=int, default=500)
     ap.add_argument("--factors", default="0.1,1,10")
     ap.add_argument("--schemes", default="global,per-layer", help="global and/or per-layer damping")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="setup setting override, e.g. steps=1000 (repeatable)")
-    ap.add_argument("--expected-lambda", action="store_true",
-                    help="add EK-FAC with Λ from the expected (not sampled) Fisher (MLP setups)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="setup setting override, e.g. steps=1000 (repeatable)",
+    )
+    ap.add_argument(
+        "--expected-lambda",
+        action="store_true",
+        help="add EK-FAC with Λ from the expected (not sampled) Fisher (MLP setups)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -109,8 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     t_idx = _indices(s.n_train, args.train_points, args.seed + 12)
     queries, subset = s.queries(q_idx), s.train_subset(t_idx)
     fm = FlatModel(s.model, s.task, s.layers)
-    fits = {k: inf.fit_curvature(s.model, s.task, s.train, strategy=k, layers=s.layers, progress=False)
-            for k in ("ekfac", "kfac", "diagonal", "identity")}
+    fits = {
+        k: inf.fit_curvature(s.model, s.task, s.train, strategy=k, layers=s.layers, progress=False)
+        for k in ("ekfac", "kfac", "diagonal", "identity")
+    }
     mean_eig = mean_eigenvalue(fits["ekfac"])
     if args.expected_lambda:
         fits["ekfac-expected"] = _expected_ekfac(s, fm, fits["ekfac"])
@@ -129,8 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         c = fits[strategy]
         if strategy != "identity":
             c = replace(c, layers={n: replace(f, damping=damping[n]) for n, f in c.layers.items()})
-        return inf.pairwise_scores(s.model, s.task, c, queries, subset, per_layer=False,
-                                   progress=False).total.double()
+        return inf.pairwise_scores(s.model, s.task, c, queries, subset, per_layer=False, progress=False).total.double()
 
     rows = []
     identity = engine("identity", {})
@@ -155,8 +166,12 @@ def main(argv: list[str] | None = None) -> None:
                     return out
 
                 block_diag = scores_from_ihvp(_cg(block, v), grads)
-            row = {"scheme": scheme, "factor": factor, "cg_iterations": info["iterations"],
-                   "block-diagonal exact": corr(block_diag, exact)}
+            row = {
+                "scheme": scheme,
+                "factor": factor,
+                "cg_iterations": info["iterations"],
+                "block-diagonal exact": corr(block_diag, exact),
+            }
             for k in ("ekfac", "kfac", "diagonal", "ekfac-expected"):
                 if k in fits:
                     row[k] = corr(engine(k, damping), exact)
@@ -164,20 +179,29 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(row, f"({time.time() - t:.0f} s)", flush=True)
     command = "python benchmarks/validate_damping.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    lines = [f"`{command}`", "",
-             f"**{s.name}** — Pearson with exact damped full-GNH influence, {len(q_idx)} measurements × "
-             f"{len(t_idx)} training points (mean eigenvalue of G: {mean_eig:.4g}); model: "
-             f"{ {k: round(v, 4) for k, v in s.info.items() if k.startswith(('train_', 'test_'))} }, "
-             f"recipe {s.recipe.config()}.", "",
-             "| damping | CG iterations | exact block-diagonal | EK-FAC | K-FAC | diagonal | gradient dot |"
-             + (" EK-FAC, expected Λ |" if args.expected_lambda else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if args.expected_lambda else "")]
+    lines = [
+        f"`{command}`",
+        "",
+        f"**{s.name}** — Pearson with exact damped full-GNH influence, {len(q_idx)} measurements × "
+        f"{len(t_idx)} training points (mean eigenvalue of G: {mean_eig:.4g}); model: "
+        f"{ {k: round(v, 4) for k, v in s.info.items() if k.startswith(('train_', 'test_'))} }, "
+        f"recipe {s.recipe.config()}.",
+        "",
+        "| damping | CG iterations | exact block-diagonal | EK-FAC | K-FAC | diagonal | gradient dot |"
+        + (" EK-FAC, expected Λ |" if args.expected_lambda else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if args.expected_lambda else ""),
+    ]
     for r in rows:
-        what = (f"λ = {r['factor']:g} × mean eig (global)" if r["scheme"] == "global"
-                else f"λ_l = {r['factor']:g} × mean Λ_l (per layer)")
-        lines.append(f"| {what} | {r['cg_iterations']} | {r['block-diagonal exact']:.3f} | {r['ekfac']:.3f} | "
-                     f"{r['kfac']:.3f} | {r['diagonal']:.3f} | {r['gradient-dot']:.3f} |"
-                     + (f" {r['ekfac-expected']:.3f} |" if "ekfac-expected" in r else ""))
+        what = (
+            f"λ = {r['factor']:g} × mean eig (global)"
+            if r["scheme"] == "global"
+            else f"λ_l = {r['factor']:g} × mean Λ_l (per layer)"
+        )
+        lines.append(
+            f"| {what} | {r['cg_iterations']} | {r['block-diagonal exact']:.3f} | {r['ekfac']:.3f} | "
+            f"{r['kfac']:.3f} | {r['diagonal']:.3f} | {r['gradient-dot']:.3f} |"
+            + (f" {r['ekfac-expected']:.3f} |" if "ekfac-expected" in r else "")
+        )
     write_table("\n".join(lines) + "\n", args.out or f"benchmarks/out/validate/damping-{args.setup}")
 
 

@@ -46,8 +46,14 @@ def main() -> None:
     ap.add_argument("--train-points", type=int, default=200)
     ap.add_argument("--damping-factor", type=float, default=None, help="default: the PBRF experiment's")
     ap.add_argument("--iterations", default="0,1,2,3,5,10,20,40")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="setup setting override, e.g. n_train=512 (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="setup setting override, e.g. n_train=512 (repeatable)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -55,8 +61,9 @@ def main() -> None:
     s = load_setup(args.setup, seed=args.seed, **_overrides(args.overrides))
     fm = FlatModel(s.model, s.task, s.layers)
     t = time.perf_counter()
-    ekfac = inf.fit_curvature(s.model, s.task, s.train, strategy="ekfac", layers=s.layers, seed=args.seed,
-                              progress=False)
+    ekfac = inf.fit_curvature(
+        s.model, s.task, s.train, strategy="ekfac", layers=s.layers, seed=args.seed, progress=False
+    )
     fit_seconds = time.perf_counter() - t
     factor = args.damping_factor if args.damping_factor is not None else DAMPING_FACTORS.get(s.name, 1.0)
     lam = factor * mean_eigenvalue(ekfac)
@@ -76,12 +83,23 @@ def main() -> None:
         sc = sc.to(torch.float64)
         return sum(pearson(sc[i], exact[i]) for i in range(len(sc))) / len(sc)
 
-    rows = ["| CG steps k | EK-FAC + k CG steps (engine) | time (s) | plain CG, k steps | time (s) |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| CG steps k | EK-FAC + k CG steps (engine) | time (s) | plain CG, k steps | time (s) |",
+        "|---|---|---|---|---|",
+    ]
     for k in (int(i) for i in args.iterations.split(",")):
         t = time.perf_counter()
-        refined = inf.pairwise_scores(s.model, s.task, ekfac, queries, subset, per_layer=False, progress=False,
-                                      refine_data=s.train, refine_iterations=k).total
+        refined = inf.pairwise_scores(
+            s.model,
+            s.task,
+            ekfac,
+            queries,
+            subset,
+            per_layer=False,
+            progress=False,
+            refine_data=s.train,
+            refine_iterations=k,
+        ).total
         t_refined = time.perf_counter() - t + fit_seconds
         t = time.perf_counter()
         x_cg = conjugate_gradients(apply, v, iterations=k)[0] if k else v / lam
@@ -89,15 +107,18 @@ def main() -> None:
         t_plain = time.perf_counter() - t
         rows.append(f"| {k} | {corr(refined):.3f} | {t_refined:.2f} | {corr(plain):.3f} | {t_plain:.2f} |")
         print(rows[-1], flush=True)
-    head = (f"**{s.name}** — Pearson with exact damped full-GNH influence (CG to 1e-8: {exact_steps} steps, "
-            f"{exact_seconds:.1f} s), {args.measurements} measurements × {args.train_points} training points "
-            f"(N = {s.n_train}{', ' + str(s.info['tokens']) + ' tokens' if 'tokens' in s.info else ''}, "
-            f"P = {fm.P:,} tracked parameters); "
-            f"λ = {lam:.4g} ({factor:g} × mean eigenvalue of G); EK-FAC times include its fit ({fit_seconds:.2f} s) "
-            f"and scoring; 1 thread.")
+    head = (
+        f"**{s.name}** — Pearson with exact damped full-GNH influence (CG to 1e-8: {exact_steps} steps, "
+        f"{exact_seconds:.1f} s), {args.measurements} measurements × {args.train_points} training points "
+        f"(N = {s.n_train}{', ' + str(s.info['tokens']) + ' tokens' if 'tokens' in s.info else ''}, "
+        f"P = {fm.P:,} tracked parameters); "
+        f"λ = {lam:.4g} ({factor:g} × mean eigenvalue of G); EK-FAC times include its fit ({fit_seconds:.2f} s) "
+        f"and scoring; 1 thread."
+    )
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    write_table(f"`{cmd}`\n\n{head}\n\n" + "\n".join(rows) + "\n",
-                args.out or f"benchmarks/out/validate/refine-{args.setup}")
+    write_table(
+        f"`{cmd}`\n\n{head}\n\n" + "\n".join(rows) + "\n", args.out or f"benchmarks/out/validate/refine-{args.setup}"
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ class TinyLM(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.embed = nn.Embedding(vocab, d)
-            self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(d, hidden), "down": nn.Linear(hidden, d)})
-                                        for _ in range(2))
+            self.blocks = nn.ModuleList(
+                nn.ModuleDict({"up": nn.Linear(d, hidden), "down": nn.Linear(hidden, d)}) for _ in range(2)
+            )
             self.head = nn.Linear(d, vocab)
         self.eval()
 
@@ -77,11 +78,31 @@ def worker(run: Path, n_train: int) -> None:
     task = inf.CausalLM()
     select_layers(model, "all")  # warm the lazy imports before the controller starts its clock
     print("READY", flush=True)
-    curv = inf.fit_curvature(model, task, train, layers=r"blocks\.", out_dir=run / "fit", batch_size=8,
-                             checkpoint_every=CHECKPOINT_EVERY, progress=False)
+    curv = inf.fit_curvature(
+        model,
+        task,
+        train,
+        layers=r"blocks\.",
+        out_dir=run / "fit",
+        batch_size=8,
+        checkpoint_every=CHECKPOINT_EVERY,
+        progress=False,
+    )
     print("FIT", flush=True)
-    inf.scan(model, task, curv, queries, train, rank=4, top_k=8, keep_scores=True, batch_size=8,
-             out_dir=run / "scan", shard_size=SHARD_SIZE, progress=False)
+    inf.scan(
+        model,
+        task,
+        curv,
+        queries,
+        train,
+        rank=4,
+        top_k=8,
+        keep_scores=True,
+        batch_size=8,
+        out_dir=run / "scan",
+        shard_size=SHARD_SIZE,
+        progress=False,
+    )
     print("DONE", flush=True)
 
 
@@ -94,9 +115,13 @@ def _start(run: Path, n_train: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     src = Path(__file__).resolve().parents[1] / "src"
     env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
-    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(run),
-                             "--n-train", str(n_train)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", str(run), "--n-train", str(n_train)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _wait_ready(proc: subprocess.Popen) -> None:
@@ -168,8 +193,7 @@ def check_same(run: Path, ref: Path, n_train: int) -> None:
         raise AssertionError(f"left behind: {leftovers}")
 
 
-def run_kill_test(kills: int, *, n_train: int = N_TRAIN, seed: int = 0, base: Path | None = None,
-                  log=print) -> dict:
+def run_kill_test(kills: int, *, n_train: int = N_TRAIN, seed: int = 0, base: Path | None = None, log=print) -> dict:
     """Kill, resume and compare until ``kills`` SIGKILLs have landed; returns a summary (raises on a mismatch)."""
     base = Path(tempfile.mkdtemp(prefix="influencer-kill-")) if base is None else base
     ref = base / "reference"
@@ -208,8 +232,10 @@ def run_kill_test(kills: int, *, n_train: int = N_TRAIN, seed: int = 0, base: Pa
         rounds += 1
         log(f"round {rounds}: identical to the uninterrupted run ({total} kills so far)")
     summary = {"kills": total, "rounds": rounds, "resumes": resumes, "where": dict(sorted(landed.items()))}
-    log(f"{total} SIGKILLs at random moments over {rounds} runs, each resumed to the same results as an "
-        f"uninterrupted run; kills landed in: {summary['where']}")
+    log(
+        f"{total} SIGKILLs at random moments over {rounds} runs, each resumed to the same results as an "
+        f"uninterrupted run; kills landed in: {summary['where']}"
+    )
     return summary
 
 

@@ -33,7 +33,7 @@ def _setup(args):
     texts = [v["text"] for v in kjv_verses(args.n_train + args.n_queries)]
     data = tokenize_texts(tok, texts, max_length=args.seq_len)
     train = {k: v[: args.n_train] for k, v in data.items()}
-    queries = {**{k: v[args.n_train:] for k, v in data.items()}, "prompt_length": 4}
+    queries = {**{k: v[args.n_train :] for k, v in data.items()}, "prompt_length": 4}
     return model, task, train, queries
 
 
@@ -42,8 +42,17 @@ def predict(args) -> dict:
 
     model, task, train, _ = _setup(args)
     t0 = time.perf_counter()
-    p = plan(model, task, args.layers, rank=args.rank, n_queries=args.n_queries, batch_size=args.batch_size,
-             seq_len=args.seq_len, n_train=args.n_train, data=train)
+    p = plan(
+        model,
+        task,
+        args.layers,
+        rank=args.rank,
+        n_queries=args.n_queries,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        n_train=args.n_train,
+        data=train,
+    )
     out = p.to_dict()
     out["plan_seconds"] = time.perf_counter() - t0
     out["report"] = p.report()
@@ -57,13 +66,24 @@ def measure(args) -> dict:
     model, task, train, queries = _setup(args)
     peaks: dict = {"baseline": _rss()}
     t0 = time.perf_counter()
-    curv, peaks["fit"] = measure_peak_rss(inf.fit_curvature, model, task, train, layers=args.layers,
-                                          batch_size=args.batch_size, progress=False)
+    curv, peaks["fit"] = measure_peak_rss(
+        inf.fit_curvature, model, task, train, layers=args.layers, batch_size=args.batch_size, progress=False
+    )
     t1 = time.perf_counter()
     store, peaks["queries"] = measure_peak_rss(inf.QueryStore.build, model, task, curv, queries, rank=args.rank)
     t2 = time.perf_counter()
-    _, peaks["scan"] = measure_peak_rss(inf.scan, model, task, curv, queries, train, store=store,
-                                        batch_size=args.batch_size, progress=False, tokens=False)
+    _, peaks["scan"] = measure_peak_rss(
+        inf.scan,
+        model,
+        task,
+        curv,
+        queries,
+        train,
+        store=store,
+        batch_size=args.batch_size,
+        progress=False,
+        tokens=False,
+    )
     t3 = time.perf_counter()
     peaks.update({"fit_s": t1 - t0, "queries_s": t2 - t1, "scan_s": t3 - t2})
     return peaks
@@ -94,14 +114,18 @@ def main(argv: list[str] | None = None) -> None:
     p, m = results["predict"], results["measure"]
     stages = {s["name"]: s for s in p["stages"]}
     fit_names = [n for n in ("covariance", "eigh", "eigenvalues", "diagonal") if n in stages]
-    rows = [("fit", max(stages[n]["memory"] for n in fit_names), sum(stages[n]["seconds"] for n in fit_names)),
-            ("queries", stages["queries"]["memory"], stages["queries"]["seconds"]),
-            ("scan", stages["scan"]["memory"], stages["scan"]["seconds"])]
+    rows = [
+        ("fit", max(stages[n]["memory"] for n in fit_names), sum(stages[n]["seconds"] for n in fit_names)),
+        ("queries", stages["queries"]["memory"], stages["queries"]["seconds"]),
+        ("scan", stages["scan"]["memory"], stages["scan"]["seconds"]),
+    ]
     print(p["report"])
     print(f"\n{'stage':<8} {'predicted':>10} {'measured':>10} {'ratio':>6} {'pred. s':>8} {'meas. s':>8}")
     for name, mem, sec in rows:
-        print(f"{name:<8} {mem / 2**20:>7.0f} MiB {m[name] / 2**20:>6.0f} MiB {mem / m[name]:>6.2f} {sec:>8.1f} "
-              f"{m[name + '_s']:>8.1f}")
+        print(
+            f"{name:<8} {mem / 2**20:>7.0f} MiB {m[name] / 2**20:>6.0f} MiB {mem / m[name]:>6.2f} {sec:>8.1f} "
+            f"{m[name + '_s']:>8.1f}"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -39,21 +39,38 @@ def main(out: Path) -> None:
     model, task, train, queries = setup()
     curv = inf.fit_curvature(model, task, train, batch_size=4, progress=False)
     curv.save(me / "curv")
-    resumable = inf.fit_curvature(model, task, train, batch_size=4, progress=False, out_dir=out / "fit",
-                                  checkpoint_every=5)
+    resumable = inf.fit_curvature(
+        model, task, train, batch_size=4, progress=False, out_dir=out / "fit", checkpoint_every=5
+    )
     resumable.save(me / "curv_resumable")
-    result = inf.scan(model, task, curv, queries, train, rank=4, top_k=5, keep_scores=True, batch_size=3,
-                      progress=False)
+    result = inf.scan(
+        model, task, curv, queries, train, rank=4, top_k=5, keep_scores=True, batch_size=3, progress=False
+    )
     result.save(me / "scan")
-    sharded = inf.scan(model, task, curv, queries, train, rank=4, top_k=5, batch_size=3, progress=False,
-                       out_dir=out / "scan_dir", shard_size=6)
+    sharded = inf.scan(
+        model,
+        task,
+        curv,
+        queries,
+        train,
+        rank=4,
+        top_k=5,
+        batch_size=3,
+        progress=False,
+        out_dir=out / "scan_dir",
+        shard_size=6,
+    )
     sharded.save(me / "scan_sharded")
     # partitions inside a process group: two data ranges, each run by both ranks
-    paths = [inf.fit_partition(model, task, train, out / f"part{i}", data_range=r, batch_size=4, progress=False)
-             for i, r in enumerate([(0, 20), (20, N_TRAIN)])]
+    paths = [
+        inf.fit_partition(model, task, train, out / f"part{i}", data_range=r, batch_size=4, progress=False)
+        for i, r in enumerate([(0, 20), (20, N_TRAIN)])
+    ]
     basis = inf.merge_fit(paths)
-    lam = [inf.fit_partition(model, task, train, out / f"lam{i}", data_range=r, basis=basis, progress=False)
-           for i, r in enumerate([(0, 11), (11, N_TRAIN)])]
+    lam = [
+        inf.fit_partition(model, task, train, out / f"lam{i}", data_range=r, basis=basis, progress=False)
+        for i, r in enumerate([(0, 11), (11, N_TRAIN)])
+    ]
     inf.merge_fit(lam, basis=basis).save(me / "curv_partitions")
     dist.barrier()
     dist.shutdown()

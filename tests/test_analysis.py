@@ -230,8 +230,10 @@ def test_degenerate_given_xmin_and_totals() -> None:
 
 
 def test_import_is_lazy_and_names_the_extra(monkeypatch) -> None:
-    code = ("import sys, influencer, influencer.analysis, influencer.report; "
-            "print([m for m in ('jinja2', 'matplotlib', 'powerlaw') if m in sys.modules])")
+    code = (
+        "import sys, influencer, influencer.analysis, influencer.report; "
+        "print([m for m in ('jinja2', 'matplotlib', 'powerlaw') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
     monkeypatch.setitem(sys.modules, "powerlaw", None)
@@ -253,8 +255,9 @@ def test_figures(tmp_path) -> None:
     assert isinstance(fig, Figure) and (tmp_path / "tail.png").read_bytes()[:8] == PNG
     names = ["a.0.mlp", "a.1.mlp", "a.2.mlp"]
     lt = torch.tensor([[0.5, -0.2, 0.1, 0.0], [0.3, 0.1, -0.4, 0.2], [-0.1, 0.0, 0.6, 0.1]], dtype=torch.float64)
-    hit = Hit(0, 7, float(lt.sum()), float(lt.sum()) / 10, dict(zip(names, lt.sum(1).tolist(), strict=True)),
-              lt.sum(0), lt)
+    hit = Hit(
+        0, 7, float(lt.sum()), float(lt.sum()) / 10, dict(zip(names, lt.sum(1).tolist(), strict=True)), lt.sum(0), lt
+    )
     plot_layer_profile([hit, hit], names, save=tmp_path / "layers.png")
     tokens = ["$x$", "<script>", "\n", "50% $"]  # no mathtext, no crash on odd strings
     fig = plot_layer_tokens(hit, names, tokens, save=tmp_path / "heat.png")

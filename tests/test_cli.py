@@ -66,8 +66,11 @@ def error_line(result, code: int = 1) -> str:
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` (hidden ones too) → sha256 of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +84,45 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
     train = _jsonl(root / "train.jsonl", [{"text": v["text"], "citation": v["citation"]} for v in verses])
     queries = _jsonl(root / "q.jsonl", QUERIES)
     run = root / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "influencer", "fit", str(model), str(train), "--out", str(run),
-                           "--batch-size", "8", "--seed", "3"], capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "COLUMNS": "200",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "influencer",
+            "fit",
+            str(model),
+            str(train),
+            "--out",
+            str(run),
+            "--batch-size",
+            "8",
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
-    return types.SimpleNamespace(root=root, tok=tok, model=model, other=other, train=train, queries=queries,
-                                 run=run, fit_stdout=proc.stdout, fit_stderr=proc.stderr, env=env)
+    return types.SimpleNamespace(
+        root=root,
+        tok=tok,
+        model=model,
+        other=other,
+        train=train,
+        queries=queries,
+        run=run,
+        fit_stdout=proc.stdout,
+        fit_stderr=proc.stderr,
+        env=env,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ help
@@ -98,13 +133,42 @@ def test_help_lists_every_command_and_option():
     for command in ("fit", "scan", "report", "demo", "validate"):
         assert command in out
     fit_help = ok(invoke("fit", "--help"))
-    for option in ("--out", "--layers", "--strategy", "--fisher", "--damping", "--blocks", "--sequences",
-                   "--batch-size", "--max-length", "--packing", "--truncation", "--device", "--dtype", "--overwrite",
-                   "--format", "--field", "--text-unit", "--split"):
+    for option in (
+        "--out",
+        "--layers",
+        "--strategy",
+        "--fisher",
+        "--damping",
+        "--blocks",
+        "--sequences",
+        "--batch-size",
+        "--max-length",
+        "--packing",
+        "--truncation",
+        "--device",
+        "--dtype",
+        "--overwrite",
+        "--format",
+        "--field",
+        "--text-unit",
+        "--split",
+    ):
         assert option in fit_help, option
     scan_help = ok(invoke("scan", "--help"))
-    for option in ("--queries", "--prompt", "--completion", "--rank", "--top-k", "--prefilter", "--per-layer",
-                   "--tokens", "--chat-template", "--query-truncation", "--data", "--overwrite"):
+    for option in (
+        "--queries",
+        "--prompt",
+        "--completion",
+        "--rank",
+        "--top-k",
+        "--prefilter",
+        "--per-layer",
+        "--tokens",
+        "--chat-template",
+        "--query-truncation",
+        "--data",
+        "--overwrite",
+    ):
         assert option in scan_help, option
     for command in ("report", "demo", "validate"):
         ok(invoke(command, "--help"))
@@ -115,8 +179,7 @@ def test_readme_command_line_section_is_accurate():
     """Every option the README's command-line section shows exists in that command's --help."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
-    commands = re.findall(r"^influencer (\w+)(.*)$", "\n".join(re.findall(r"```bash\n(.*?)```", section, re.S)),
-                          re.M)
+    commands = re.findall(r"^influencer (\w+)(.*)$", "\n".join(re.findall(r"```bash\n(.*?)```", section, re.S)), re.M)
     assert {c for c, _ in commands} >= {"fit", "scan", "report"}
     for command, rest in commands:
         helptext = ok(invoke(command, "--help"))
@@ -137,11 +200,19 @@ def test_fit_writes_a_run_directory(ws):
     assert record["data"]["source"] == str(ws.train.resolve()) and record["data"]["format"] == "jsonl"
     assert record["data"]["report"]["sequences"] == 24 and record["data"]["report"]["truncated"] == 0
     assert record["fit"]["strategy"] == "ekfac" and record["fit"]["seed"] == 3
-    assert record["fit"]["tracked_layers"] == [f"model.layers.{i}.mlp.{p}_proj" for i in range(2)
-                                               for p in ("gate", "up", "down")]
+    assert record["fit"]["tracked_layers"] == [
+        f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")
+    ]
     assert {"torch", "transformers", "influencer", "python"} <= set(record["versions"])
-    assert {"load model", "read data", "tokenize", "fit", "fit/covariance", "fit/eigendecomposition",
-            "fit/eigenvalue correction"} <= set(record["timings"])
+    assert {
+        "load model",
+        "read data",
+        "tokenize",
+        "fit",
+        "fit/covariance",
+        "fit/eigendecomposition",
+        "fit/eigenvalue correction",
+    } <= set(record["timings"])
     assert "fit timings" in ws.fit_stdout and "eigenvalue correction" in ws.fit_stdout
     assert "24 documents → 24 sequences" in ws.fit_stdout
     assert "Traceback" not in ws.fit_stderr and "Loading weights" not in ws.fit_stderr
@@ -151,11 +222,21 @@ def test_fit_writes_a_run_directory(ws):
 def test_scan_matches_the_library_and_prints_hits(ws, tmp_path):
     run = tmp_path / "run"
     _copy(ws.run, run)
-    out = ok(invoke("scan", run, "--queries", ws.queries, "--rank", "0", "--top-k", "5", "--per-layer",
-                    "--keep-scores"))
-    for piece in ("Query 1", "In the beginning God created", "Query 2", "train.jsonl:", "scan timings",
-                  "query gradients", "token attribution", "per copy = influence / N with N = 24", "up_proj",
-                  "unrefined curvature"):
+    out = ok(
+        invoke("scan", run, "--queries", ws.queries, "--rank", "0", "--top-k", "5", "--per-layer", "--keep-scores")
+    )
+    for piece in (
+        "Query 1",
+        "In the beginning God created",
+        "Query 2",
+        "train.jsonl:",
+        "scan timings",
+        "query gradients",
+        "token attribution",
+        "per copy = influence / N with N = 24",
+        "up_proj",
+        "unrefined curvature",
+    ):
         assert piece in out, piece
     assert (run / "scan" / "result.json").is_file() and not (run / "scan.partial").exists()
     request = json.loads((run / "scan" / "request.json").read_text())
@@ -181,8 +262,24 @@ def test_scan_matches_the_library_and_prints_hits(ws, tmp_path):
 def test_scan_with_flags_prefilter_and_chat_template(ws, tmp_path):
     run = tmp_path / "run"
     _copy(ws.run, run)
-    out = ok(invoke("scan", run, "-p", "And God said,", "-c", " Let there be light.", "--prefilter", "6",
-                    "--chat-template", "--system", "Be brief.", "--no-tokens", "--show", "3"))
+    out = ok(
+        invoke(
+            "scan",
+            run,
+            "-p",
+            "And God said,",
+            "-c",
+            " Let there be light.",
+            "--prefilter",
+            "6",
+            "--chat-template",
+            "--system",
+            "Be brief.",
+            "--no-tokens",
+            "--show",
+            "3",
+        )
+    )
     assert "chat template applied" in out and "scanned 6 sequences" in out
     request = json.loads((run / "scan" / "request.json").read_text())
     assert request["settings"]["prefilter"] == 6 and request["chat_template"] is True
@@ -199,8 +296,9 @@ def test_scan_of_other_data_with_packing(ws, tmp_path):
     _copy(ws.run, run)
     text = ws.root / "more.txt"
     text.write_text("\n".join(v["text"] for v in kjv_verses(10, start=30)) + "\n", encoding="utf-8")
-    out = ok(invoke("scan", run, "--queries", ws.queries, "--data", text, "--packing", "--max-length", "32",
-                    "--no-tokens"))
+    out = ok(
+        invoke("scan", run, "--queries", ws.queries, "--data", text, "--packing", "--max-length", "32", "--no-tokens")
+    )
     assert "packed into 32-token sequences" in out and "more.txt:" in out
     data = json.loads((run / "scan" / "request.json").read_text())["data"]
     assert data["format"] == "text" and data["packing"] is True and data["report"]["packing"] is True
@@ -211,8 +309,22 @@ def test_scan_refine_matches_the_library(ws, tmp_path):
     _copy(ws.run, run)
     line = error_line(invoke("scan", run, "--queries", ws.queries, "--refine-sequences", "8"), code=1)
     assert "--refine-sequences needs --refine" in line
-    out = ok(invoke("scan", run, "--queries", ws.queries, "--rank", "0", "--keep-scores", "--no-tokens",
-                    "--refine", "3", "--refine-sequences", "16"))
+    out = ok(
+        invoke(
+            "scan",
+            run,
+            "--queries",
+            ws.queries,
+            "--rank",
+            "0",
+            "--keep-scores",
+            "--no-tokens",
+            "--refine",
+            "3",
+            "--refine-sequences",
+            "16",
+        )
+    )
     assert "unrefined curvature" not in out  # the magnitude caveat is only for unrefined scans
     request = json.loads((run / "scan" / "request.json").read_text())
     assert request["settings"]["refine"] == 3 and request["settings"]["refine_sequences"] == 16
@@ -222,25 +334,74 @@ def test_scan_refine_matches_the_library(ws, tmp_path):
     train = _train_batch(tok)
     task = inf.CausalLM(pad_token_id=tok.pad_token_id)
     first16 = {k: v[:16] for k, v in train.items()}
-    expected = inf.pairwise_scores(model, task, curv, inf_queries(tok), train, batch_size=8, refine_data=first16,
-                                   refine_iterations=3, progress=False).total
+    expected = inf.pairwise_scores(
+        model,
+        task,
+        curv,
+        inf_queries(tok),
+        train,
+        batch_size=8,
+        refine_data=first16,
+        refine_iterations=3,
+        progress=False,
+    ).total
     plain = inf.pairwise_scores(model, task, curv, inf_queries(tok), train, batch_size=8, progress=False).total
     torch.testing.assert_close(result.scores, expected, rtol=1e-4, atol=1e-4)
     assert (plain - expected).norm() > 1e-2 * expected.norm()  # the refinement changed the answer
     # scanning other data still refines on the fit's own sequences
     text = ws.root / "refine-other.txt"
     text.write_text("\n".join(v["text"] for v in kjv_verses(6, start=40)) + "\n", encoding="utf-8")
-    ok(invoke("scan", run, "--queries", ws.queries, "--data", text, "--rank", "0", "--keep-scores", "--no-tokens",
-              "--refine", "3", "--refine-sequences", "16", "--overwrite"))
+    ok(
+        invoke(
+            "scan",
+            run,
+            "--queries",
+            ws.queries,
+            "--data",
+            text,
+            "--rank",
+            "0",
+            "--keep-scores",
+            "--no-tokens",
+            "--refine",
+            "3",
+            "--refine-sequences",
+            "16",
+            "--overwrite",
+        )
+    )
     other = inf.ScanResult.load(run / "scan")
     assert other.meta["refine"]["data"] == result.meta["refine"]["data"]
 
 
 def test_fit_options_packing_and_strategy(ws, tmp_path):
     run = tmp_path / "packed"
-    out = ok(invoke("fit", ws.model, ws.train, "--out", run, "--packing", "--max-length", "24", "--strategy", "kfac",
-                    "--layers", r"layers\.1\.mlp\.(up|down)_proj", "--sequences", "5", "--damping", "0.01",
-                    "--n-train", "1000", "--device", "cpu", "--dtype", "float64"))
+    out = ok(
+        invoke(
+            "fit",
+            ws.model,
+            ws.train,
+            "--out",
+            run,
+            "--packing",
+            "--max-length",
+            "24",
+            "--strategy",
+            "kfac",
+            "--layers",
+            r"layers\.1\.mlp\.(up|down)_proj",
+            "--sequences",
+            "5",
+            "--damping",
+            "0.01",
+            "--n-train",
+            "1000",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float64",
+        )
+    )
     assert "5 sequences (packed into 24-token sequences)" in out
     record = json.loads((run / "run.json").read_text())
     assert record["fit"]["tracked_layers"] == ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
@@ -260,8 +421,9 @@ def test_truncation_is_reported(ws, tmp_path):
 
 
 def test_report_with_the_real_module(ws, tmp_path):
-    pytest.importorskip("influencer.report", reason="influencer.report (the report helper's module) is not on "
-                                                    "this branch yet")
+    pytest.importorskip(
+        "influencer.report", reason="influencer.report (the report helper's module) is not on this branch yet"
+    )
     run = tmp_path / "run"
     _copy(ws.run, run)
     ok(invoke("scan", run, "--queries", ws.queries))
@@ -274,10 +436,20 @@ def test_report_with_the_real_module(ws, tmp_path):
 def test_report_calls_write_report_with_the_documented_arguments(ws, tmp_path, monkeypatch):
     calls = []
 
-    def write_report(result, path, *, queries, train_tokens, train_text=None, title="influencer report", top=10,
-                     notes=()):
-        calls.append({"result": result, "queries": queries, "tokens": train_tokens(0), "text": train_text(0),
-                      "title": title, "top": top, "notes": list(notes)})
+    def write_report(
+        result, path, *, queries, train_tokens, train_text=None, title="influencer report", top=10, notes=()
+    ):
+        calls.append(
+            {
+                "result": result,
+                "queries": queries,
+                "tokens": train_tokens(0),
+                "text": train_text(0),
+                "title": title,
+                "top": top,
+                "notes": list(notes),
+            }
+        )
         Path(path).write_text("<html>report</html>", encoding="utf-8")
         return Path(path)
 
@@ -292,8 +464,9 @@ def test_report_calls_write_report_with_the_documented_arguments(ws, tmp_path, m
     assert not [p for p in (tmp_path / "out").iterdir() if p.name != "r.html"]  # the temporary file is gone
     (call,) = calls
     assert isinstance(call["result"], inf.ScanResult) and call["title"] == "T" and call["top"] == 4
-    assert [(q["prompt"], q["completion"]) for q in call["queries"]] == [(q["prompt"], q["completion"])
-                                                                         for q in QUERIES]
+    assert [(q["prompt"], q["completion"]) for q in call["queries"]] == [
+        (q["prompt"], q["completion"]) for q in QUERIES
+    ]
     first = kjv_verses(1)[0]["text"]
     assert "".join(call["tokens"]) == first and call["text"].endswith(first)
     assert any("ekfac" in n for n in call["notes"])
@@ -320,8 +493,10 @@ def test_demo_writes_a_report_when_the_module_exists(ws, tmp_path, monkeypatch):
     fake = types.ModuleType("influencer.report")
     fake.write_report = write_report  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "influencer.report", fake)
-    assert demo._write_report(result, tok, train, verses, tmp_path / "d" / "r.html", top=3,
-                             n_fit=len(verses)) == tmp_path / "d" / "r.html"
+    assert (
+        demo._write_report(result, tok, train, verses, tmp_path / "d" / "r.html", top=3, n_fit=len(verses))
+        == tmp_path / "d" / "r.html"
+    )
     assert seen["text"] == f"Genesis 1:1: {verses[0]['text']}" and "".join(seen["tokens"]) == verses[0]["text"]
     assert [q["completion"] for q in seen["queries"]] == [c for _, c, _ in demo.QUERIES] and seen["top"] == 3
 
@@ -413,8 +588,9 @@ def test_errors_empty_completion(ws, tmp_path):
 
 
 def test_errors_over_length_with_truncation_error(ws, tmp_path):
-    line = error_line(invoke("fit", ws.model, ws.train, "--out", tmp_path / "run", "--max-length", "8",
-                             "--truncation", "error"))
+    line = error_line(
+        invoke("fit", ws.model, ws.train, "--out", tmp_path / "run", "--max-length", "8", "--truncation", "error")
+    )
     assert re.search(r"document train\.jsonl:1 has \d+ tokens, more than max length 8", line)
     before = snapshot(ws.run)
     line = error_line(invoke("scan", ws.run, "--queries", ws.queries, "--query-max-length", "4"))
@@ -438,8 +614,9 @@ def test_errors_existing_fit_is_kept(ws, tmp_path):
     not_a_run = tmp_path / "mine"
     not_a_run.mkdir()
     (not_a_run / "notes.txt").write_text("keep me")
-    assert "not an influencer run directory" in error_line(invoke("fit", ws.model, ws.train, "--out", not_a_run,
-                                                                  "--overwrite"))
+    assert "not an influencer run directory" in error_line(
+        invoke("fit", ws.model, ws.train, "--out", not_a_run, "--overwrite")
+    )
     assert (not_a_run / "notes.txt").read_text() == "keep me"
     # and --overwrite with good input replaces the fit atomically
     ok(invoke("fit", ws.model, ws.train, "--out", run, "--overwrite", "--sequences", "4"))
@@ -463,8 +640,10 @@ def test_errors_changed_training_data_and_usage(ws, tmp_path):
     line = error_line(invoke("fit", ws.model, ws.train, "--out", tmp_path / "r", "--strategy", "nope"), code=2)
     assert "'nope' is not one of" in line and "influencer fit --help" in line
     assert "Missing option '--out'" in error_line(invoke("fit", ws.model, ws.train), code=2)
-    assert "no CUDA device" in error_line(invoke("fit", ws.model, ws.train, "--out", tmp_path / "r",
-                                                 "--device", "cuda")) or torch.cuda.is_available()
+    assert (
+        "no CUDA device" in error_line(invoke("fit", ws.model, ws.train, "--out", tmp_path / "r", "--device", "cuda"))
+        or torch.cuda.is_available()
+    )
 
 
 def test_debug_shows_the_exception(ws, tmp_path):
@@ -474,8 +653,13 @@ def test_debug_shows_the_exception(ws, tmp_path):
 
 
 def test_errors_in_a_real_process(ws, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "influencer", "scan", str(ws.run), "-p", "In the", "-c", ""],
-                          capture_output=True, text=True, env=ws.env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "influencer", "scan", str(ws.run), "-p", "In the", "-c", ""],
+        capture_output=True,
+        text=True,
+        env=ws.env,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
     assert "empty" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
@@ -501,8 +685,7 @@ def test_validate_without_the_suite_and_with_it(monkeypatch, tmp_path):
     fake = types.ModuleType("influencer.validate")
     fake.run_experiment = run_experiment  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "influencer.validate", fake)
-    out = ok(invoke("validate", "digits", "--methods", "ekfac, kfac", "--train-points", "50", "--out",
-                    tmp_path / "v"))
+    out = ok(invoke("validate", "digits", "--methods", "ekfac, kfac", "--train-points", "50", "--out", tmp_path / "v"))
     assert "| method | pearson |" in out and "training the setup" in out and (tmp_path / "v").is_dir()
     assert seen["setup"] == "digits" and seen["methods"] == ["ekfac", "kfac"] and seen["train_points"] == 50
     assert "measurements" not in seen and seen["size"] == "small"
@@ -533,9 +716,14 @@ def test_library_progress_goes_through_installed_bars(ws):
         curv = inf.fit_curvature(model, task, train, batch_size=8, progress=True)
         inf.scan(model, task, curv, inf_queries(tok), train, batch_size=8, progress=True)
         inf.fit_curvature(model, task, train, batch_size=8, progress=False)  # off: no bars
-    assert events == [("covariance", 24, 24), ("eigendecomposition", 10, 10), ("eigenvalue correction", 24, 24),
-                      ("query gradients", 2, 2), ("scan", 24, 24), ("token attribution", events[-1][1],
-                                                                       events[-1][1])]
+    assert events == [
+        ("covariance", 24, 24),
+        ("eigendecomposition", 10, 10),
+        ("eigenvalue correction", 24, 24),
+        ("query gradients", 2, 2),
+        ("scan", 24, 24),
+        ("token attribution", events[-1][1], events[-1][1]),
+    ]
 
 
 def test_rich_bars_render_and_time_stages():

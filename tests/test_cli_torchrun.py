@@ -68,10 +68,18 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
     one, two = root / "one", root / "two"
     invoke("fit", *fit_args, "--out", one)
     invoke("scan", one, *scan_args)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update({"PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-                "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        {
+            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1",
+            "COLUMNS": "200",
+        }
+    )
     fit = torchrun("fit", *fit_args, "--out", two, "--device", "cpu", env=env)
     assert fit.returncode == 0, fit.stderr[-4000:]
     scan = torchrun("scan", two, *scan_args, "--device", "cpu", env=env)

@@ -49,15 +49,25 @@ def test_resumable_fit_checkpoints_and_continues(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(fit_mod._Checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        inf.fit_curvature(model, task, train, layers=r"blocks\.", batch_size=8, progress=False, out_dir=run,
-                          checkpoint_every=10)
+        inf.fit_curvature(
+            model, task, train, layers=r"blocks\.", batch_size=8, progress=False, out_dir=run, checkpoint_every=10
+        )
     monkeypatch.undo()
     assert saves == [10, 20, 30]
     manifest = json.loads((run / "partial" / "covariance.r0of1.json").read_text())
     assert manifest["next"] == 30 and manifest["sums"]["sequences"] == 30
     assert not (run / "lock.json").read_text()  # released (emptied) on the way out
-    resumed = inf.fit_curvature(model, task, train, layers=r"blocks\.", batch_size=8, progress=False, out_dir=run,
-                                checkpoint_every=10, damping_factor=0.2)
+    resumed = inf.fit_curvature(
+        model,
+        task,
+        train,
+        layers=r"blocks\.",
+        batch_size=8,
+        progress=False,
+        out_dir=run,
+        checkpoint_every=10,
+        damping_factor=0.2,
+    )
     assert not (run / "partial").exists()
     assert json.loads((run / "fit.json").read_text())["done"] == ["covariance", "eigenvalues", "curvature"]
     ref = plain.with_damping(damping_factor=0.2)
@@ -69,8 +79,17 @@ def test_resumable_fit_checkpoints_and_continues(tmp_path: Path, monkeypatch: py
         x, y = resumed.precondition(name, v), ref.precondition(name, v)
         assert float((x - y).norm() / y.norm()) < 1e-3  # float32 model, other batch boundaries
     # a finished run directory returns the saved curvature at once, with the damping asked for now
-    again = inf.fit_curvature(model, task, train, layers=r"blocks\.", batch_size=8, progress=False, out_dir=run,
-                              checkpoint_every=10, n_train=1000)
+    again = inf.fit_curvature(
+        model,
+        task,
+        train,
+        layers=r"blocks\.",
+        batch_size=8,
+        progress=False,
+        out_dir=run,
+        checkpoint_every=10,
+        n_train=1000,
+    )
     assert again.n_train == 1000
     for name, f in again.layers.items():
         assert torch.equal(f.lam, resumed.layers[name].lam)

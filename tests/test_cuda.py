@@ -36,14 +36,17 @@ def test_gpu_fit_and_scan_equal_cpu(both, tmp_path: Path) -> None:
     assert _operator_error(c_gpu, c_cpu) < 1e-3
     resumable = inf.fit_curvature(gpu, task, train, progress=False, out_dir=tmp_path / "fit", checkpoint_every=7)
     assert _operator_error(resumable, c_cpu) < 1e-3
-    parts = [inf.fit_partition(gpu, task, train, tmp_path / f"p{i}", data_range=r, progress=False)
-             for i, r in enumerate([(0, 15), (15, 40)])]
+    parts = [
+        inf.fit_partition(gpu, task, train, tmp_path / f"p{i}", data_range=r, progress=False)
+        for i, r in enumerate([(0, 15), (15, 40)])
+    ]
     basis = inf.merge_fit(parts)
     lam = [inf.fit_partition(gpu, task, train, tmp_path / "l", basis=basis, progress=False)]
     assert _operator_error(inf.merge_fit(lam, basis=basis), c_cpu) < 1e-3
     s_cpu = inf.scan(cpu, task, c_cpu, queries, train, rank=None, top_k=5, progress=False)
-    s_gpu = inf.scan(gpu, task, c_cpu, queries, train, rank=None, top_k=5, progress=False,
-                     out_dir=tmp_path / "scan", shard_size=9)
+    s_gpu = inf.scan(
+        gpu, task, c_cpu, queries, train, rank=None, top_k=5, progress=False, out_dir=tmp_path / "scan", shard_size=9
+    )
     _same_top(s_gpu, s_cpu, rel=1e-3)
 
 
@@ -75,10 +78,25 @@ def test_two_processes_on_the_gpu_equal_one_cpu_process(tmp_path: Path) -> None:
     port = _free_port()
     procs = []
     for r in range(2):
-        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "INFLUENCER_TEST_DEVICE": "cuda"}
-        procs.append(subprocess.Popen([sys.executable, str(TESTS / "dist_worker.py"), str(tmp_path / "two")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(r),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "INFLUENCER_TEST_DEVICE": "cuda",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(TESTS / "dist_worker.py"), str(tmp_path / "two")],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-4000:]
@@ -86,5 +104,8 @@ def test_two_processes_on_the_gpu_equal_one_cpu_process(tmp_path: Path) -> None:
     single = inf.Curvature.load(tmp_path / "one" / "r0" / "curv")
     for name in ("curv", "curv_resumable", "curv_partitions"):
         assert _operator_error(inf.Curvature.load(tmp_path / "two" / "r0" / name), single) < 1e-6
-    _same_top(inf.ScanResult.load(tmp_path / "two" / "r0" / "scan"),
-              inf.ScanResult.load(tmp_path / "one" / "r0" / "scan"), rel=1e-5)  # GPU vs CPU float32 sums
+    _same_top(
+        inf.ScanResult.load(tmp_path / "two" / "r0" / "scan"),
+        inf.ScanResult.load(tmp_path / "one" / "r0" / "scan"),
+        rel=1e-5,
+    )  # GPU vs CPU float32 sums

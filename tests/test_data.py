@@ -306,8 +306,9 @@ def test_read_hf_dataset_local(tmp_path, monkeypatch):
         read_hf_dataset(saved, field="n")
 
     both = tmp_path / "dict"
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]}),
-                          "test": datasets.Dataset.from_dict({"text": ["b"]})}).save_to_disk(str(both))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": ["a"]}), "test": datasets.Dataset.from_dict({"text": ["b"]})}
+    ).save_to_disk(str(both))
     assert read_hf_dataset(both, split="test").texts == ["b"]
     with pytest.raises(DataError, match="no split 'dev'"):
         read_hf_dataset(both, split="dev")
@@ -369,7 +370,7 @@ def test_make_sequences_truncation_policies(tokenizer):
     assert (right.report.truncated, right.report.truncated_tokens) == (1, len(full) - n)
     assert "1 sequences longer than" in right.report.summary()
     left = make_sequences(tokenizer, docs, max_length=n, truncation="left", add_bos=True)
-    assert left.batch["input_ids"][0].tolist() == [tokenizer.bos_token_id, *full[len(full) - n + 1:]]
+    assert left.batch["input_ids"][0].tolist() == [tokenizer.bos_token_id, *full[len(full) - n + 1 :]]
     assert left.report.truncated == 2  # with BOS the second document is one token too long as well
     with pytest.raises(DataError, match=rf"document v1 has {len(full)} tokens, more than max length {n}"):
         make_sequences(tokenizer, docs, max_length=n, truncation="error")
@@ -411,10 +412,14 @@ def test_sequence_digest_ignores_padding(tokenizer):
 
 
 def test_read_queries(tmp_path):
-    path = _write_jsonl(tmp_path / "q.jsonl", [{"prompt": "In the", "completion": " beginning", "id": 7},
-                                               {"prompt": "And God", "completion": " said"}])
-    assert read_queries(path) == [{"prompt": "In the", "completion": " beginning", "source": "q.jsonl:1"},
-                                  {"prompt": "And God", "completion": " said", "source": "q.jsonl:2"}]
+    path = _write_jsonl(
+        tmp_path / "q.jsonl",
+        [{"prompt": "In the", "completion": " beginning", "id": 7}, {"prompt": "And God", "completion": " said"}],
+    )
+    assert read_queries(path) == [
+        {"prompt": "In the", "completion": " beginning", "source": "q.jsonl:1"},
+        {"prompt": "And God", "completion": " said", "source": "q.jsonl:2"},
+    ]
     _write_jsonl(path, [{"prompt": "In the", "completion": " beginning"}, {"prompt": "x", "completion": "  "}])
     with pytest.raises(DataError, match=r"q\.jsonl:2: empty completion"):
         read_queries(path)
@@ -460,11 +465,16 @@ def test_encode_queries_truncation_and_errors(tokenizer):
 
 
 def test_encode_queries_chat_template(tokenizer, monkeypatch):
-    monkeypatch.setattr(tokenizer, "chat_template", "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
-                                                    "{% endfor %}{% if add_generation_prompt %}<s>bot:{% endif %}",
-                        raising=False)
-    batch, report = encode_queries(tokenizer, [{"prompt": "In the", "completion": " beginning"}], chat_template=True,
-                                   system="Be brief.")
+    monkeypatch.setattr(
+        tokenizer,
+        "chat_template",
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}<s>bot:{% endif %}",
+        raising=False,
+    )
+    batch, report = encode_queries(
+        tokenizer, [{"prompt": "In the", "completion": " beginning"}], chat_template=True, system="Be brief."
+    )
     templated = "<s>system: Be brief.\n<s>user: In the\n<s>bot:"
     p = _ids(tokenizer, templated)
     assert batch["input_ids"][0].tolist() == p + _ids(tokenizer, " beginning")

@@ -82,10 +82,24 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     port = _free_port()
     procs = []
     for r in range(2):
-        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(TESTS / "dist_worker.py"), str(two)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(r),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(r),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(TESTS / "dist_worker.py"), str(two)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-4000:]
@@ -134,18 +148,23 @@ def test_fit_partitions_by_data_and_layer_group_equal_one_fit(lm, tmp_path: Path
     model, task, train, _, ref = lm
     n = len(train)
     low, high = r"model\.layers\.[01]\.mlp\.", r"model\.layers\.2\.mlp\."
-    cov = [inf.fit_partition(model, task, train, tmp_path / f"cov{i}", layers=g, data_range=r, batch_size=b,
-                             progress=False)
-           for i, (g, r, b) in enumerate([(low, (0, 17), 5), (low, (17, n), 3), (high, (0, 30), 7),
-                                          (high, (30, n), 2)])]
+    cov = [
+        inf.fit_partition(
+            model, task, train, tmp_path / f"cov{i}", layers=g, data_range=r, batch_size=b, progress=False
+        )
+        for i, (g, r, b) in enumerate([(low, (0, 17), 5), (low, (17, n), 3), (high, (0, 30), 7), (high, (30, n), 2)])
+    ]
     basis = inf.merge_fit(list(reversed(cov)))  # order of the paths does not matter
     assert not basis.complete
     with pytest.raises(ValueError, match="no eigenvalues"):
         basis.precondition(basis.layer_names[0], torch.zeros(basis.layers[basis.layer_names[0]].shape))
     basis.save(tmp_path / "basis")
-    lam = [inf.fit_partition(model, task, train, tmp_path / f"lam{i}", layers=g, data_range=r,
-                             basis=tmp_path / "basis", progress=False)
-           for i, (g, r) in enumerate([(low, (0, 9)), (low, (9, n)), (high, None)])]
+    lam = [
+        inf.fit_partition(
+            model, task, train, tmp_path / f"lam{i}", layers=g, data_range=r, basis=tmp_path / "basis", progress=False
+        )
+        for i, (g, r) in enumerate([(low, (0, 9)), (low, (9, n)), (high, None)])
+    ]
     merged = inf.merge_fit(lam, basis=tmp_path / "basis")
     assert merged.complete and merged.layer_names == ref.layer_names
     assert _operator_error(merged, ref) < 1e-9
@@ -155,8 +174,12 @@ def test_fit_partitions_by_data_and_layer_group_equal_one_fit(lm, tmp_path: Path
     assert again == tmp_path / "lam2"
     for strategy in ("kfac", "diagonal"):
         one = inf.fit_curvature(model, task, train, strategy=strategy, progress=False)
-        parts = [inf.fit_partition(model, task, train, tmp_path / f"{strategy}{i}", strategy=strategy, data_range=r,
-                                   progress=False) for i, r in enumerate([(0, 11), (11, n)])]
+        parts = [
+            inf.fit_partition(
+                model, task, train, tmp_path / f"{strategy}{i}", strategy=strategy, data_range=r, progress=False
+            )
+            for i, r in enumerate([(0, 11), (11, n)])
+        ]
         assert _operator_error(inf.merge_fit(parts), one) < 1e-9
 
 
@@ -215,16 +238,31 @@ def test_lock_refuses_a_second_writer_and_takes_over_stale_locks(lm, tmp_path: P
     (run / "lock.json").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
     inf.fit_curvature(model, task, train, out_dir=run, progress=False, strategy="diagonal")
     # a lock held by another live process
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(TESTS)!r}); "
-                               "from influencer.io import RunLock; l = RunLock(sys.argv[1]).acquire(); "
-                               "print('held', flush=True); time.sleep(60)", str(run)],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                  sys.path)})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys, time; sys.path.insert(0, {str(TESTS)!r}); "
+            "from influencer.io import RunLock; l = RunLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(60)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
-            inf.scan(model, task, inf.fit_curvature(model, task, train, progress=False), {
-                "input_ids": train[:1], "prompt_length": 3}, train, out_dir=run, progress=False)
+            inf.scan(
+                model,
+                task,
+                inf.fit_curvature(model, task, train, progress=False),
+                {"input_ids": train[:1], "prompt_length": 3},
+                train,
+                out_dir=run,
+                progress=False,
+            )
     finally:
         holder.kill()
         holder.wait()

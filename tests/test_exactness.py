@@ -24,10 +24,20 @@ def _setups():
     ids = zoo.token_data(10, t=6)
     yield "mlp-regression", zoo.mlp(), inf.Regression(), (x, y), (x[:4] * 0.9, y[:4])
     yield "mlp-classification", zoo.mlp(), inf.Classification(), (xc, yc), (xc[:4] * 1.2, yc[:4])
-    yield ("llama-causal-lm", zoo.tiny_llama(hidden=8, intermediate=12), inf.CausalLM(), ids,
-           {"input_ids": zoo.token_data(3, t=7, seed=4), "prompt_length": torch.tensor([2, 3, 5])})
-    yield ("gpt2-conv1d", zoo.tiny_gpt2(hidden=8), inf.CausalLM(), ids,
-           {"input_ids": zoo.token_data(3, t=7, seed=4), "prompt_length": 3})
+    yield (
+        "llama-causal-lm",
+        zoo.tiny_llama(hidden=8, intermediate=12),
+        inf.CausalLM(),
+        ids,
+        {"input_ids": zoo.token_data(3, t=7, seed=4), "prompt_length": torch.tensor([2, 3, 5])},
+    )
+    yield (
+        "gpt2-conv1d",
+        zoo.tiny_gpt2(hidden=8),
+        inf.CausalLM(),
+        ids,
+        {"input_ids": zoo.token_data(3, t=7, seed=4), "prompt_length": 3},
+    )
     xs, ys = zoo.regression_data(20, d_in=5, d_out=3, seed=2)
     yield "shared-layer", zoo.SharedMLP(), inf.Regression(), (xs, ys), (xs[:3] + 0.1, ys[:3])
 
@@ -60,8 +70,9 @@ def test_identity_equals_gradient_dot_products(setup: str) -> None:
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_diagonal_equals_dense_inverse_of_diagonal_fisher(setup: str) -> None:
     model, task, train, queries = SETUPS[setup]
-    curv = inf.fit_curvature(model, task, train, strategy="diagonal", fisher="empirical", layers="all",
-                             batch_size=3, progress=False)
+    curv = inf.fit_curvature(
+        model, task, train, strategy="diagonal", fisher="empirical", layers="all", batch_size=3, progress=False
+    )
     names = curv.layer_names
     gq, gt = _brute_force(model, task, queries, train, names)
     g_diag = torch.diag(ref.diagonal_fisher(gt))
@@ -80,8 +91,17 @@ def test_diagonal_equals_dense_inverse_of_diagonal_fisher(setup: str) -> None:
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_ekfac_equals_dense_eigenbasis_inverse(setup: str, blocks: int) -> None:
     model, task, train, queries = SETUPS[setup]
-    curv = inf.fit_curvature(model, task, train, strategy="ekfac", fisher="empirical", layers="all",
-                             blocks=blocks, batch_size=4, progress=False)
+    curv = inf.fit_curvature(
+        model,
+        task,
+        train,
+        strategy="ekfac",
+        fisher="empirical",
+        layers="all",
+        blocks=blocks,
+        batch_size=4,
+        progress=False,
+    )
     names = curv.layer_names
     gq, gt = _brute_force(model, task, queries, train, names)
     shapes = ref.layer_matrix_shapes(model, names)
@@ -101,10 +121,13 @@ def test_ekfac_equals_dense_eigenbasis_inverse(setup: str, blocks: int) -> None:
 
 def test_true_fisher_uses_labels_sampled_from_the_model() -> None:
     """The diagonal true Fisher equals (1/N) Σ ∇L̂² with exactly the engine's sampled labels (keyed draws)."""
-    for model, task, train in ((zoo.mlp(), inf.Classification(), zoo.classification_data(30)),
-                               (zoo.tiny_llama(hidden=8, intermediate=12), inf.CausalLM(), zoo.token_data(6, t=5))):
-        curv = inf.fit_curvature(model, task, train, strategy="diagonal", fisher="true", seed=7, batch_size=4,
-                                 progress=False)
+    for model, task, train in (
+        (zoo.mlp(), inf.Classification(), zoo.classification_data(30)),
+        (zoo.tiny_llama(hidden=8, intermediate=12), inf.CausalLM(), zoo.token_data(6, t=5)),
+    ):
+        curv = inf.fit_curvature(
+            model, task, train, strategy="diagonal", fisher="true", seed=7, batch_size=4, progress=False
+        )
         names = curv.layer_names
         n = len(task.as_dataset(train))
         keys = sampling.example_keys(7, _STREAM_DIAGONAL, torch.arange(n))
@@ -129,8 +152,10 @@ def test_batched_squared_grads_equal_the_per_example_loop(tokens_first: bool, bl
     assert linalg.rotate_tokens_first(t, 4, 6) == tokens_first
 
     def basis(d: int) -> list[torch.Tensor]:
-        return [torch.linalg.qr(torch.randn(s, s, dtype=torch.float64, generator=gen))[0]
-                for s in linalg.split_sizes(d, blocks)]
+        return [
+            torch.linalg.qr(torch.randn(s, s, dtype=torch.float64, generator=gen))[0]
+            for s in linalg.split_sizes(d, blocks)
+        ]
 
     qs, qa = basis(4), basis(6)
     for bases in ((qs, qa), (None, None)):

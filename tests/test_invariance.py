@@ -14,8 +14,9 @@ TOL = {"rtol": 1e-9, "atol": 1e-12}
 
 
 def _fit_and_score(model, task, train, queries, *, batch_size, strategy="ekfac", fisher="true", **kw):
-    curv = inf.fit_curvature(model, task, train, strategy=strategy, fisher=fisher, batch_size=batch_size,
-                             progress=False, **kw)
+    curv = inf.fit_curvature(
+        model, task, train, strategy=strategy, fisher=fisher, batch_size=batch_size, progress=False, **kw
+    )
     scores = inf.pairwise_scores(model, task, curv, queries, train, batch_size=batch_size, progress=False)
     return curv, scores
 
@@ -99,17 +100,19 @@ def test_blocks_one_equals_full_and_more_blocks_divide_memory() -> None:
         cov_full = f.qa[0] @ torch.diag(f.eig_a) @ f.qa[0].T
         start = 0
         for q, n in zip(b.qa, [q.shape[0] for q in b.qa], strict=True):
-            block = q @ torch.diag(b.eig_a[start:start + n]) @ q.T
-            torch.testing.assert_close(block, cov_full[start:start + n, start:start + n], rtol=1e-8, atol=1e-10)
+            block = q @ torch.diag(b.eig_a[start : start + n]) @ q.T
+            torch.testing.assert_close(block, cov_full[start : start + n, start : start + n], rtol=1e-8, atol=1e-10)
             start += n
         ratio = f.basis_nbytes() / b.basis_nbytes()
         assert ratio == pytest.approx(2.0, rel=0.15)
     # block-diagonal EK-FAC runs and scores correlate with the full one
     queries = (x[:5], y[:5])
-    s_full = inf.pairwise_scores(model, task, inf.fit_curvature(model, task, (x, y), progress=False), queries,
-                                 (x, y), progress=False)
-    s_two = inf.pairwise_scores(model, task, inf.fit_curvature(model, task, (x, y), blocks=3, progress=False),
-                                queries, (x, y), progress=False)
+    s_full = inf.pairwise_scores(
+        model, task, inf.fit_curvature(model, task, (x, y), progress=False), queries, (x, y), progress=False
+    )
+    s_two = inf.pairwise_scores(
+        model, task, inf.fit_curvature(model, task, (x, y), blocks=3, progress=False), queries, (x, y), progress=False
+    )
     r = torch.corrcoef(torch.stack([s_full.total.flatten(), s_two.total.flatten()]))[0, 1]
     assert r > 0.8
 
@@ -122,7 +125,8 @@ def test_blocks_divide_memory_by_o() -> None:
     for o in (2, 4, 8):
         blocked = inf.fit_curvature(model, task, (x, y), blocks=o, progress=False)
         ratio = sum(f.basis_nbytes() for f in full.layers.values()) / sum(
-            f.basis_nbytes() for f in blocked.layers.values())
+            f.basis_nbytes() for f in blocked.layers.values()
+        )
         assert ratio == pytest.approx(o, rel=0.2)
     with pytest.raises(ValueError, match="cannot split"):
         inf.fit_curvature(model, task, (x, y), blocks=9, progress=False)

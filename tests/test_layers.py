@@ -12,8 +12,16 @@ from influencer.layers import candidate_layers
 
 
 def llama() -> nn.Module:
-    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=2))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
 
 
 def gpt2() -> nn.Module:
@@ -21,8 +29,9 @@ def gpt2() -> nn.Module:
 
 
 def neox() -> nn.Module:
-    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                                            num_attention_heads=2))
+    return GPTNeoXForCausalLM(
+        GPTNeoXConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2)
+    )
 
 
 @pytest.mark.parametrize(
@@ -79,8 +88,17 @@ def test_linear_subclass_is_tracked() -> None:
 
 
 def test_tied_embedding_head_excluded() -> None:
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert "lm_head" not in {x.name for x in inf.select_layers(model, "all")}
 

@@ -28,8 +28,9 @@ def setup():
     train = zoo.token_data(32, t=12)
     queries = {"input_ids": zoo.token_data(4, t=10, seed=5), "prompt_length": torch.tensor([3, 4, 5, 6])}
     curv = inf.fit_curvature(model, task, train, fisher="empirical", progress=False)
-    ref = inf.scan(model, task, curv, queries, train, rank=None, top_k=5, keep_scores=True, tokens=False,
-                   progress=False)
+    ref = inf.scan(
+        model, task, curv, queries, train, rank=None, top_k=5, keep_scores=True, tokens=False, progress=False
+    )
     return model, task, train, queries, ref
 
 
@@ -50,8 +51,9 @@ def test_autocast_bf16(setup) -> None:
     model, task, train, queries, ref = setup
     with torch.autocast("cpu", dtype=torch.bfloat16):
         curv = inf.fit_curvature(model, task, train, fisher="empirical", progress=False)
-        result = inf.scan(model, task, curv, queries, train, rank=None, top_k=5, keep_scores=True, tokens=True,
-                          progress=False)
+        result = inf.scan(
+            model, task, curv, queries, train, rank=None, top_k=5, keep_scores=True, tokens=True, progress=False
+        )
     _check(curv, result, ref)
     hit = result.top(0, 1)[0]
     assert hit.tokens is not None and hit.tokens.dtype == torch.float32
@@ -62,8 +64,9 @@ def test_bf16_weights(setup) -> None:
     model, task, train, queries, ref = setup
     low = copy.deepcopy(model).to(torch.bfloat16)
     curv = inf.fit_curvature(low, task, train, fisher="empirical", progress=False)
-    result = inf.scan(low, task, curv, queries, train, rank=None, top_k=5, keep_scores=True, tokens=False,
-                      progress=False)
+    result = inf.scan(
+        low, task, curv, queries, train, rank=None, top_k=5, keep_scores=True, tokens=False, progress=False
+    )
     _check(curv, result, ref)
 
 
@@ -74,8 +77,9 @@ def test_bf16_weights_true_fisher(setup) -> None:
     for m in (model, copy.deepcopy(model).to(torch.bfloat16)):
         curv = inf.fit_curvature(m, task, train, progress=False)
         assert all(q.dtype == torch.float32 for f in curv.layers.values() for q in f.qa + f.qs)
-        run = inf.scan(m, task, curv, queries, train, rank=None, top_k=5, keep_scores=True, tokens=False,
-                       progress=False)
+        run = inf.scan(
+            m, task, curv, queries, train, rank=None, top_k=5, keep_scores=True, tokens=False, progress=False
+        )
         assert run.scores is not None and run.scores.dtype == torch.float32
         scores.append(run.scores)
     assert _pearson(scores[1], scores[0]) > 0.95

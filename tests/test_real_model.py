@@ -56,8 +56,10 @@ def test_smollm2_kjv_end_to_end(fitted: Fitted) -> None:
 
     ranks = (scores.total > scores.total.diagonal()[:, None]).sum(1)  # 0 = the verse ranks itself first
     first = float((ranks == 0).float().mean())
-    print(f"\nSmolLM2-135M, MLP of blocks 0-3, EK-FAC: a verse's second half given its first half ranks the verse "
-          f"itself first for {first:.0%} of 16 verses (ranks {ranks.tolist()})")
+    print(
+        f"\nSmolLM2-135M, MLP of blocks 0-3, EK-FAC: a verse's second half given its first half ranks the verse "
+        f"itself first for {first:.0%} of 16 verses (ranks {ranks.tolist()})"
+    )
     assert first >= 0.75  # measured: 100%
     # adding a verse makes its own completion more likely
     assert bool((scores.total.diagonal() > 0).all())
@@ -75,11 +77,24 @@ def test_smollm2_scan_rank_curve_and_token_sums(fitted: Fitted) -> None:
     curve = {}
     for k in (1, 4, 32):
         store = inf.QueryStore.from_preconditioned(precond, k)
-        r = inf.scan(model, task, curv, queries, train, store=store, top_k=3, batch_size=8, keep_scores=True,
-                     tokens=(k == 32), progress=False)
+        r = inf.scan(
+            model,
+            task,
+            curv,
+            queries,
+            train,
+            store=store,
+            top_k=3,
+            batch_size=8,
+            keep_scores=True,
+            tokens=(k == 32),
+            progress=False,
+        )
         curve[k] = float(torch.corrcoef(torch.stack([r.scores.flatten(), exact.flatten()]))[0, 1])
-    print("\nSmolLM2-135M (MLP of blocks 0-3): Pearson(rank-k scan, exact) by k:",
-          ", ".join(f"{k}: {v:.4f}" for k, v in curve.items()))
+    print(
+        "\nSmolLM2-135M (MLP of blocks 0-3): Pearson(rank-k scan, exact) by k:",
+        ", ".join(f"{k}: {v:.4f}" for k, v in curve.items()),
+    )
     assert curve[32] >= 0.99
     assert curve[1] <= curve[4] + 1e-6 <= curve[32] + 2e-6
     for q in range(nq):

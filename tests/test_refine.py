@@ -29,11 +29,18 @@ def test_flat_layout_round_trips_to_the_engines_matrices(setup: str) -> None:
     # the engine's measurement gradients (hooks), flattened and summed over queries, are autograd's gradient of
     # Σ_q f_q in the modules' own orientation (Conv1D weights are stored transposed)
     engine = inf.measurement_gradients(model, task, curv.bind(model), queries)
-    batch = task.collate([task.as_dataset(queries, queries=True)[i] for i in range(len(engine[names[0]]))]) \
-        if (names := curv.layer_names) else None
+    batch = (
+        task.collate([task.as_dataset(queries, queries=True)[i] for i in range(len(engine[names[0]]))])
+        if (names := curv.layer_names)
+        else None
+    )
     total = task.measurement(task.forward(model, batch), batch).sum()
-    params = [getattr(x.module, p) for x in fm.layers for p in ("weight", "bias")
-              if isinstance(getattr(x.module, p, None), torch.Tensor)]
+    params = [
+        getattr(x.module, p)
+        for x in fm.layers
+        for p in ("weight", "bias")
+        if isinstance(getattr(x.module, p, None), torch.Tensor)
+    ]
     autograd = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, params)])
     assert rel_err(fm.flat(engine).sum(0), autograd) < 1e-10
 
@@ -58,8 +65,9 @@ def test_refinement_converges_to_the_exact_damped_influence(setup: str) -> None:
     damping = {n: curv.layers[n].damping for n in names}
     exact = ref.exact_influence(model, task, queries, train, names, damping=damping)
     ekfac = inf.pairwise_scores(model, task, curv, queries, train, progress=False).total
-    refined = inf.pairwise_scores(model, task, curv, queries, train, refine_data=train, refine_iterations=200,
-                                  progress=False)
+    refined = inf.pairwise_scores(
+        model, task, curv, queries, train, refine_data=train, refine_iterations=200, progress=False
+    )
     assert rel_err(refined.total, exact) < 1e-6
     assert rel_err(refined.total, exact) < rel_err(ekfac, exact)
     assert rel_err(sum(refined.per_layer.values()), refined.total) < 1e-12  # layers still sum to the total
@@ -68,8 +76,9 @@ def test_refinement_converges_to_the_exact_damped_influence(setup: str) -> None:
 def test_query_store_refines_chunk_by_chunk() -> None:
     model, task, train, queries, curv = _ekfac("mlp-classification")
     direct = inf.refine_queries(model, task, curv, queries, train, iterations=4)
-    store = inf.QueryStore.build(model, task, curv, queries, rank=None, batch_size=3, refine_data=train,
-                                 refine_iterations=4)
+    store = inf.QueryStore.build(
+        model, task, curv, queries, rank=None, batch_size=3, refine_data=train, refine_iterations=4
+    )
     for name, p in direct.items():
         assert rel_err(store.layers[name].to_dense(), p) < 1e-10
 
@@ -92,8 +101,9 @@ def test_scan_with_a_refined_store_gives_the_refined_scores() -> None:
     assert store.meta["refine"] == {"iterations": 4, "data_size": len(task.as_dataset(train))}
     result = inf.scan(model, task, curv, queries, train, store=store, keep_scores=True, tokens=False, progress=False)
     assert result.meta["refine"] == store.meta["refine"]  # a given store's refinement is reported with the result
-    expected = inf.pairwise_scores(model, task, curv, queries, train, refine_data=train, refine_iterations=4,
-                                   progress=False).total
+    expected = inf.pairwise_scores(
+        model, task, curv, queries, train, refine_data=train, refine_iterations=4, progress=False
+    ).total
     plain = inf.pairwise_scores(model, task, curv, queries, train, progress=False).total
     assert rel_err(result.scores, expected) < 1e-9
     assert rel_err(plain, expected) > 1e-3  # the refinement changed the answer
@@ -101,19 +111,18 @@ def test_scan_with_a_refined_store_gives_the_refined_scores() -> None:
 
 def test_scan_refines_its_own_store_and_resumes_only_with_the_same_refinement(tmp_path) -> None:
     model, task, train, queries, curv = _ekfac("llama-causal-lm")
-    expected = inf.pairwise_scores(model, task, curv, queries, train, refine_data=train, refine_iterations=3,
-                                   progress=False).total
+    expected = inf.pairwise_scores(
+        model, task, curv, queries, train, refine_data=train, refine_iterations=3, progress=False
+    ).total
     out = tmp_path / "scan"
     kwargs = {"rank": None, "keep_scores": True, "tokens": True, "progress": False, "batch_size": 3}
-    result = inf.scan(model, task, curv, queries, train, refine_data=train, refine_iterations=3, out_dir=out,
-                      **kwargs)
+    result = inf.scan(model, task, curv, queries, train, refine_data=train, refine_iterations=3, out_dir=out, **kwargs)
     assert result.scores is not None and rel_err(result.scores, expected) < 1e-9
     assert result.meta["refine"]["iterations"] == 3
     assert result.meta["refine"]["data_size"] == len(task.as_dataset(train))
     hit = result.top(0, 1)[0]  # the token pass uses the refined queries too: tokens still sum to the score
     assert hit.tokens is not None and abs(float(hit.tokens.sum()) - hit.score) <= 1e-9 * abs(hit.score) + 1e-12
-    again = inf.scan(model, task, curv, queries, train, refine_data=train, refine_iterations=3, out_dir=out,
-                     **kwargs)
+    again = inf.scan(model, task, curv, queries, train, refine_data=train, refine_iterations=3, out_dir=out, **kwargs)
     assert again.scores is not None and torch.equal(again.scores, result.scores)
     with pytest.raises(ValueError, match="other query refinement settings"):
         inf.scan(model, task, curv, queries, train, out_dir=out, **kwargs)

@@ -43,8 +43,10 @@ def _vocab() -> list[str]:
 
 
 VOCAB = _vocab()
-QUERIES = [{"prompt": f"In the <b>beginning</b> {HOSTILE}", "completion": f" God {QUOTES}"},
-           {"prompt": "second query ", "completion": "</span></div><script>alert(3)</script>"}]
+QUERIES = [
+    {"prompt": f"In the <b>beginning</b> {HOSTILE}", "completion": f" God {QUOTES}"},
+    {"prompt": "second query ", "completion": "</span></div><script>alert(3)</script>"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +56,22 @@ def scans():
     train = zoo.token_data(N_TRAIN, t=T)
     queries = {"input_ids": zoo.token_data(2, t=8, seed=3), "prompt_length": torch.tensor([3, 4])}
     curv = inf.fit_curvature(model, task, train, progress=False)
-    full = inf.scan(model, task, curv, queries, train, rank=8, top_k=TOP, batch_size=20, keep_scores=True,
-                    progress=False)
-    plain = inf.scan(model, task, curv, queries, train, rank=8, top_k=TOP, batch_size=20, tokens=False,
-                     candidates=torch.arange(0, N_TRAIN, 2), progress=False)
+    full = inf.scan(
+        model, task, curv, queries, train, rank=8, top_k=TOP, batch_size=20, keep_scores=True, progress=False
+    )
+    plain = inf.scan(
+        model,
+        task,
+        curv,
+        queries,
+        train,
+        rank=8,
+        top_k=TOP,
+        batch_size=20,
+        tokens=False,
+        candidates=torch.arange(0, N_TRAIN, 2),
+        progress=False,
+    )
     return train, full, plain
 
 
@@ -109,8 +123,15 @@ def _write(tmp_path: Path, result, train, name: str, **kw) -> tuple[Path, str]:
 def full_report(scans, tmp_path_factory):
     train, full, _ = scans
     tmp = tmp_path_factory.mktemp("report")
-    path, html = _write(tmp, full, train, "full.html", train_text=lambda i: f"text {i} {HOSTILE}",
-                        notes=["run: rank 8, ekfac", f"hostile note {HOSTILE}"], top=5)
+    path, html = _write(
+        tmp,
+        full,
+        train,
+        "full.html",
+        train_text=lambda i: f"text {i} {HOSTILE}",
+        notes=["run: rank 8, ekfac", f"hostile note {HOSTILE}"],
+        top=5,
+    )
     return path, html
 
 
@@ -182,7 +203,8 @@ def test_totals_only_prefiltered_and_plain_text(scans, tmp_path) -> None:
     assert len(page.find("div", id="prefilter-note")) == 1 and "may be biased" in html
     assert not page.find("span", **{"class": "tok"})
     assert html.count("no token scores (the scan ran with tokens=False)") == sum(
-        len(plain.top(q, 4)) + len(plain.top(q, 4, negative=True)) for q in range(2))
+        len(plain.top(q, 4)) + len(plain.top(q, 4, negative=True)) for q in range(2)
+    )
     assert "Full scores were not kept" in html
     assert len(page.find("img")) == 2  # a layer profile per query; no tail plot without full scores
     # the plain text falls back to the joined token strings when no train_text is given, escaped
@@ -261,8 +283,16 @@ def test_renders_in_headless_chromium(full_report, tmp_path) -> None:
     """A real browser parses the page: the DOM holds every token span and both query headings and no script
     element; a 1280 × 2000 screenshot is written."""
     path, html = full_report
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-             "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     url = path.resolve().as_uri()
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -272,8 +302,9 @@ def test_renders_in_headless_chromium(full_report, tmp_path) -> None:
     assert not any(t == "script" for t, _ in page.tags)
     assert HOSTILE in "".join(page.token_text)  # hostile token strings arrive as text
     shot = tmp_path / "report.png"
-    run = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1280,2000", url], capture_output=True,
-                         text=True, timeout=180)
+    run = subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1280,2000", url], capture_output=True, text=True, timeout=180
+    )
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000

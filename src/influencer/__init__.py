@@ -1,8 +1,8 @@
 """influencer: influence functions for language models and any PyTorch model (EK-FAC, Grosse et al. 2023).
 
-    import influencer as inf
-    curv = inf.fit_curvature(model, inf.Regression(), (X, Y))
-    scores = inf.pairwise_scores(model, inf.Regression(), curv, (Xq, Yq), (X, Y))
+import influencer as inf
+curv = inf.fit_curvature(model, inf.Regression(), (X, Y))
+scores = inf.pairwise_scores(model, inf.Regression(), curv, (Xq, Yq), (X, Y))
 """
 
 from influencer.curvature import (

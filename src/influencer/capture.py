@@ -85,8 +85,9 @@ class Capture:
         for layer in self.layers:
             calls = self._calls[layer.name]
             if not calls:
-                raise RuntimeError(f"layer '{layer.name}' was not called in the forward pass; remove it from the "
-                                   "tracked layers")
+                raise RuntimeError(
+                    f"layer '{layer.name}' was not called in the forward pass; remove it from the tracked layers"
+                )
             for _, out in calls:
                 names.append(layer.name)
                 outputs.append(out)
@@ -121,15 +122,24 @@ class Capture:
         return result
 
 
-def _per_token(layer: Layer, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, full: bool,
-               n_tokens: int | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _per_token(
+    layer: Layer,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    mask: torch.Tensor | None,
+    full: bool,
+    n_tokens: int | None,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Reshape one call's input/grad to [B, T, ·], apply the token mask and append the bias coordinate.
 
     full: the mask is None or all true (nothing to mask). n_tokens: the mask's sum (None without a mask).
     """
     if x.shape[0] != batch_size:
-        raise ValueError(f"layer '{layer.name}' saw an input of shape {tuple(x.shape)} whose first dimension is "
-                         f"not the batch size {batch_size}; influencer needs batch-first layers")
+        raise ValueError(
+            f"layer '{layer.name}' saw an input of shape {tuple(x.shape)} whose first dimension is "
+            f"not the batch size {batch_size}; influencer needs batch-first layers"
+        )
     a = x.reshape(batch_size, -1, layer.d_in)
     g = g.reshape(batch_size, -1, layer.d_out)
     t = a.shape[1]
@@ -143,8 +153,10 @@ def _per_token(layer: Layer, x: torch.Tensor, g: torch.Tensor, mask: torch.Tenso
         assert n_tokens is not None
         tokens = n_tokens
     else:
-        raise ValueError(f"layer '{layer.name}' sees {t} positions per example but the token mask has "
-                         f"{mask.shape[1]}; cannot tell padding apart")
+        raise ValueError(
+            f"layer '{layer.name}' sees {t} positions per example but the token mask has "
+            f"{mask.shape[1]}; cannot tell padding apart"
+        )
     if layer.bias:
         ones = torch.ones(batch_size, t, 1, dtype=a.dtype, device=a.device)
         a = torch.cat([a, ones if m is None else ones * m], -1)

@@ -104,6 +104,7 @@ def _value(choice: Any) -> Any:
     """The plain string of an option choice (None stays None)."""
     return choice.value if isinstance(choice, Enum) else choice
 
+
 _DATA = "Training data"
 _CURV = "Curvature"
 _QUERY = "Queries"
@@ -402,8 +403,9 @@ class _RichBar:
         self.row.detail = f"{self.count} {self.unit}"
         self.owner.progress.remove_task(self.task)
         if self.owner.show:
-            self.owner.progress.console.print(f"  {self.desc}: {self.row.detail} in {_seconds(self.row.seconds)}",
-                                              highlight=False)
+            self.owner.progress.console.print(
+                f"  {self.desc}: {self.row.detail} in {_seconds(self.row.seconds)}", highlight=False
+            )
 
 
 class _Bars:
@@ -422,10 +424,19 @@ class _Bars:
 
         self.timer, self.show = timer, show
         self.progress: Progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=console or Console(stderr=True), disable=not show, transient=True,
-            redirect_stdout=sys.stdout.isatty(), redirect_stderr=False)  # keep piped stdout out of the bars
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console or Console(stderr=True),
+            disable=not show,
+            transient=True,
+            redirect_stdout=sys.stdout.isatty(),
+            redirect_stderr=False,
+        )  # keep piped stdout out of the bars
 
     def __call__(self, desc: str, total: int | None, unit: str) -> _RichBar:
         return _RichBar(self, desc, total, unit)
@@ -513,17 +524,22 @@ def _resolve_device(name: str) -> str:
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here (torch {torch.__version__}); "
-                        "use --device cpu")
+        raise UserError(
+            f"--device {name}: no CUDA device is available here (torch {torch.__version__}); use --device cpu"
+        )
     if device.type == "cuda" and _under_torchrun():  # one GPU per process: cuda:LOCAL_RANK
         from influencer.distributed import local_rank
 
         if device.index is not None:
-            raise UserError(f"--device {name}: under torchrun every process uses cuda:LOCAL_RANK; pass --device "
-                            "cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+            raise UserError(
+                f"--device {name}: under torchrun every process uses cuda:LOCAL_RANK; pass --device "
+                "cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)"
+            )
         if local_rank() >= torch.cuda.device_count():
-            raise UserError(f"torchrun started local rank {local_rank()} but this node has "
-                            f"{torch.cuda.device_count()} GPUs; use --nproc-per-node {torch.cuda.device_count()}")
+            raise UserError(
+                f"torchrun started local rank {local_rank()} but this node has "
+                f"{torch.cuda.device_count()} GPUs; use --nproc-per-node {torch.cuda.device_count()}"
+            )
         return f"cuda:{local_rank()}"
     return name
 
@@ -549,9 +565,19 @@ def _load_model(timer: _Timer, source: str, dtype: str, device: str) -> tuple[An
         return load_model(source, dtype=dtype, device=device)
 
 
-def _data_settings(data: str, fmt: str, field_name: str, text_unit: str, split: str, sequences: int | None,
-                   max_length: int | None, packing: bool, truncation: str, bos: bool,
-                   eos: bool | None) -> dict[str, Any]:
+def _data_settings(
+    data: str,
+    fmt: str,
+    field_name: str,
+    text_unit: str,
+    split: str,
+    sequences: int | None,
+    max_length: int | None,
+    packing: bool,
+    truncation: str,
+    bos: bool,
+    eos: bool | None,
+) -> dict[str, Any]:
     from influencer.data import detect_format
 
     source = _data_source(data)
@@ -565,8 +591,16 @@ def _data_settings(data: str, fmt: str, field_name: str, text_unit: str, split: 
         settings["text_unit"] = text_unit
     if resolved == "hf":
         settings["split"] = split
-    settings.update({"sequences": sequences, "max_length": max_length, "packing": packing,
-                     "truncation": truncation, "bos": bos, "eos": eos})
+    settings.update(
+        {
+            "sequences": sequences,
+            "max_length": max_length,
+            "packing": packing,
+            "truncation": truncation,
+            "bos": bos,
+            "eos": eos,
+        }
+    )
     return settings
 
 
@@ -574,14 +608,26 @@ def _read_training(timer: _Timer, tokenizer: Any, settings: dict[str, Any]) -> t
     from influencer.data import load_documents, make_sequences
 
     with timer.stage("read data") as row:
-        docs = load_documents(settings["source"], format=settings["format"], field=settings.get("field", "text"),
-                              unit=settings.get("text_unit", "line"), split=settings.get("split", "train"),
-                              max_documents=None if settings["packing"] else settings["sequences"])
+        docs = load_documents(
+            settings["source"],
+            format=settings["format"],
+            field=settings.get("field", "text"),
+            unit=settings.get("text_unit", "line"),
+            split=settings.get("split", "train"),
+            max_documents=None if settings["packing"] else settings["sequences"],
+        )
         row.detail = f"{len(docs)} documents"
     with timer.stage("tokenize") as row:
-        seqs = make_sequences(tokenizer, docs, max_length=settings["max_length"], packing=settings["packing"],
-                              truncation=settings["truncation"], add_bos=settings["bos"], add_eos=settings["eos"],
-                              max_sequences=settings["sequences"])
+        seqs = make_sequences(
+            tokenizer,
+            docs,
+            max_length=settings["max_length"],
+            packing=settings["packing"],
+            truncation=settings["truncation"],
+            add_bos=settings["bos"],
+            add_eos=settings["eos"],
+            max_sequences=settings["sequences"],
+        )
         row.detail = f"{len(seqs)} sequences"
     return docs, seqs
 
@@ -589,8 +635,12 @@ def _read_training(timer: _Timer, tokenizer: Any, settings: dict[str, Any]) -> t
 def _data_record(settings: dict[str, Any], docs: Documents, seqs: Sequences) -> dict[str, Any]:
     from influencer.data import sequence_digest
 
-    return {**settings, "documents_skipped": docs.skipped, "report": seqs.report.as_dict(),
-            "digest": sequence_digest(seqs.batch)}
+    return {
+        **settings,
+        "documents_skipped": docs.skipped,
+        "report": seqs.report.as_dict(),
+        "digest": sequence_digest(seqs.batch),
+    }
 
 
 def _check_positions(model: Any, batch: dict[str, Any], what: str, option: str) -> None:
@@ -599,8 +649,9 @@ def _check_positions(model: Any, batch: dict[str, Any], what: str, option: str) 
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     longest = int(batch["attention_mask"].sum(1).max()) if len(batch["attention_mask"]) else 0
     if isinstance(limit, int) and longest > limit:
-        raise UserError(f"the {what} have up to {longest} tokens but the model reads at most {limit} positions; "
-                        f"lower {option}")
+        raise UserError(
+            f"the {what} have up to {longest} tokens but the model reads at most {limit} positions; lower {option}"
+        )
 
 
 def _say(console: Console, text: str) -> None:
@@ -614,8 +665,10 @@ def _check_layers(model: Any, spec: str) -> list[Any]:
         return select_layers(model, spec)
     except ValueError as exc:
         if re.fullmatch(r"[A-Za-z_]+", spec) and spec not in LAYER_PRESETS:
-            raise UserError(f"unknown layer preset {spec!r}: use one of {', '.join(LAYER_PRESETS)}, or a regex "
-                            r"of module names such as 'layers\.[0-3]\.mlp\.'") from None
+            raise UserError(
+                f"unknown layer preset {spec!r}: use one of {', '.join(LAYER_PRESETS)}, or a regex "
+                r"of module names such as 'layers\.[0-3]\.mlp\.'"
+            ) from None
         raise UserError(f"--layers: {_one_line(str(exc))}") from None
 
 
@@ -627,7 +680,7 @@ app = typer.Typer(
     name="influencer",
     cls=_Group,
     help="Influence functions for language models (EK-FAC, Grosse et al. 2023): which training sequences "
-         "would most increase log p(completion | prompt)?",
+    "would most increase log p(completion | prompt)?",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -647,10 +700,14 @@ def _version(value: bool) -> None:
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback when something fails."),
     progress: bool | None = typer.Option(
-        None, "--progress/--no-progress", show_default=False,
-        help="Progress bars with ETA on stderr (default: when stderr is a terminal)."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+        None,
+        "--progress/--no-progress",
+        show_default=False,
+        help="Progress bars with ETA on stderr (default: when stderr is a terminal).",
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Fit curvature on training data, scan it for the sequences that most influence your queries, report."""
     _SETTINGS.debug = debug
@@ -665,56 +722,116 @@ def _main(
 def fit(
     model: str = typer.Argument(..., help="A local Hugging Face causal-LM folder, or the built-in smollm2-135m."),
     data: str = typer.Argument(
-        ..., help="Training data: a .txt or .jsonl file, a folder of .txt files, a local Hugging Face dataset "
-                  "(.json/.csv/.parquet file or folder), or kjv (the built-in King James Bible)."),
+        ...,
+        help="Training data: a .txt or .jsonl file, a folder of .txt files, a local Hugging Face dataset "
+        "(.json/.csv/.parquet file or folder), or kjv (the built-in King James Bible).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to create.", rich_help_panel=_RUN),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing fit in --out (and its scans).",
-                                   rich_help_panel=_RUN),
-    fmt: FormatChoice = typer.Option(FormatChoice.auto, "--format",
-                            help="Format of DATA (auto: from the suffix / folder contents).", rich_help_panel=_DATA),
-    field_name: str = typer.Option("text", "--field", help="Text field of jsonl / Hugging Face data.",
-                                   rich_help_panel=_DATA),
-    text_unit: UnitChoice = typer.Option(UnitChoice.line, "--text-unit",
-                                  help="Plain text: one document per non-blank line, or per file.",
-                                  rich_help_panel=_DATA),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing fit in --out (and its scans).", rich_help_panel=_RUN
+    ),
+    fmt: FormatChoice = typer.Option(
+        FormatChoice.auto,
+        "--format",
+        help="Format of DATA (auto: from the suffix / folder contents).",
+        rich_help_panel=_DATA,
+    ),
+    field_name: str = typer.Option(
+        "text", "--field", help="Text field of jsonl / Hugging Face data.", rich_help_panel=_DATA
+    ),
+    text_unit: UnitChoice = typer.Option(
+        UnitChoice.line,
+        "--text-unit",
+        help="Plain text: one document per non-blank line, or per file.",
+        rich_help_panel=_DATA,
+    ),
     split: str = typer.Option("train", "--split", help="Split of a Hugging Face dataset.", rich_help_panel=_DATA),
-    sequences: int | None = typer.Option(None, "--sequences", "-n", min=1, show_default="all",
-                                         help="Fit on the first N sequences.", rich_help_panel=_DATA),
-    max_length: int | None = typer.Option(512, "--max-length", min=2,
-                                          help="Tokens per sequence (the packed length with --packing).",
-                                          rich_help_panel=_DATA),
-    packing: bool = typer.Option(False, "--packing/--no-packing",
-                                 help="Join documents and cut them into --max-length sequences, instead of one "
-                                      "sequence per document.", rich_help_panel=_DATA),
-    truncation: TruncationChoice = typer.Option(TruncationChoice.right, "--truncation",
-                                   help="A document longer than --max-length: error, keep its start (right), or "
-                                        "keep its end (left). The count is reported.", rich_help_panel=_DATA),
-    bos: bool = typer.Option(False, "--bos/--no-bos", help="Prepend the BOS token to every document.",
-                             rich_help_panel=_DATA),
-    eos: bool | None = typer.Option(None, "--eos/--no-eos", show_default="with --packing",
-                                    help="Append the EOS token to every document.", rich_help_panel=_DATA),
-    layers: str = typer.Option("mlp", "--layers", "-l",
-                               help="Tracked layers: a preset (mlp, attention, all) or a regex of module names.",
-                               rich_help_panel=_CURV),
-    strategy: StrategyChoice = typer.Option(StrategyChoice.ekfac, "--strategy",
-                                 help="Curvature approximation.", rich_help_panel=_CURV),
-    fisher: FisherChoice = typer.Option(FisherChoice.true, "--fisher",
-                               help="true: labels sampled from the model; empirical: the data's labels.",
-                               rich_help_panel=_CURV),
-    damping: float | None = typer.Option(None, "--damping", min=0.0, show_default="factor × mean(Λ)",
-                                         help="Absolute damping λ for every layer.", rich_help_panel=_CURV),
-    damping_factor: float = typer.Option(0.1, "--damping-factor",
-                                         help="λ_l = factor × mean eigenvalue of layer l (when no --damping).",
-                                         rich_help_panel=_CURV),
-    blocks: int = typer.Option(1, "--blocks", min=1, help="Block-diagonal factors with this many blocks.",
-                               rich_help_panel=_CURV),
-    n_train: int | None = typer.Option(None, "--n-train", min=1, show_default="fitted sequences",
-                                       help="Training-set size N for per-copy units (I / N).", rich_help_panel=_CURV),
+    sequences: int | None = typer.Option(
+        None,
+        "--sequences",
+        "-n",
+        min=1,
+        show_default="all",
+        help="Fit on the first N sequences.",
+        rich_help_panel=_DATA,
+    ),
+    max_length: int | None = typer.Option(
+        512,
+        "--max-length",
+        min=2,
+        help="Tokens per sequence (the packed length with --packing).",
+        rich_help_panel=_DATA,
+    ),
+    packing: bool = typer.Option(
+        False,
+        "--packing/--no-packing",
+        help="Join documents and cut them into --max-length sequences, instead of one sequence per document.",
+        rich_help_panel=_DATA,
+    ),
+    truncation: TruncationChoice = typer.Option(
+        TruncationChoice.right,
+        "--truncation",
+        help="A document longer than --max-length: error, keep its start (right), or "
+        "keep its end (left). The count is reported.",
+        rich_help_panel=_DATA,
+    ),
+    bos: bool = typer.Option(
+        False, "--bos/--no-bos", help="Prepend the BOS token to every document.", rich_help_panel=_DATA
+    ),
+    eos: bool | None = typer.Option(
+        None,
+        "--eos/--no-eos",
+        show_default="with --packing",
+        help="Append the EOS token to every document.",
+        rich_help_panel=_DATA,
+    ),
+    layers: str = typer.Option(
+        "mlp",
+        "--layers",
+        "-l",
+        help="Tracked layers: a preset (mlp, attention, all) or a regex of module names.",
+        rich_help_panel=_CURV,
+    ),
+    strategy: StrategyChoice = typer.Option(
+        StrategyChoice.ekfac, "--strategy", help="Curvature approximation.", rich_help_panel=_CURV
+    ),
+    fisher: FisherChoice = typer.Option(
+        FisherChoice.true,
+        "--fisher",
+        help="true: labels sampled from the model; empirical: the data's labels.",
+        rich_help_panel=_CURV,
+    ),
+    damping: float | None = typer.Option(
+        None,
+        "--damping",
+        min=0.0,
+        show_default="factor × mean(Λ)",
+        help="Absolute damping λ for every layer.",
+        rich_help_panel=_CURV,
+    ),
+    damping_factor: float = typer.Option(
+        0.1,
+        "--damping-factor",
+        help="λ_l = factor × mean eigenvalue of layer l (when no --damping).",
+        rich_help_panel=_CURV,
+    ),
+    blocks: int = typer.Option(
+        1, "--blocks", min=1, help="Block-diagonal factors with this many blocks.", rich_help_panel=_CURV
+    ),
+    n_train: int | None = typer.Option(
+        None,
+        "--n-train",
+        min=1,
+        show_default="fitted sequences",
+        help="Training-set size N for per-copy units (I / N).",
+        rich_help_panel=_CURV,
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled labels.", rich_help_panel=_CURV),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Sequences per forward/backward pass."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N."),
-    dtype: DtypeChoice = typer.Option(DtypeChoice.float32, "--dtype",
-                              help="Model weights dtype (the curvature math runs in float32/float64)."),
+    dtype: DtypeChoice = typer.Option(
+        DtypeChoice.float32, "--dtype", help="Model weights dtype (the curvature math runs in float32/float64)."
+    ),
 ) -> None:
     """Fit the curvature (EK-FAC by default) of MODEL on DATA and write a run directory.
 
@@ -734,8 +851,14 @@ def fit(
         def check() -> tuple[Path, str, str, dict[str, Any]]:
             # rank 0 decides about the run directory (it alone writes it); the option checks run everywhere
             target = check_fit_target(out, overwrite=overwrite) if dist.is_main() else Path(out).expanduser()
-            return target, _resolve_device(device), _model_source(model), _data_settings(
-                data, fmt, field_name, text_unit, split, sequences, max_length, packing, truncation, bos, eos)
+            return (
+                target,
+                _resolve_device(device),
+                _model_source(model),
+                _data_settings(
+                    data, fmt, field_name, text_unit, split, sequences, max_length, packing, truncation, bos, eos
+                ),
+            )
 
         target, device, model_source, settings = _agree(check)
 
@@ -749,20 +872,48 @@ def fit(
         net, tok, docs, seqs, tracked = _agree(load)
         task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
         with timer.stage("fit", f"{strategy}, {len(tracked)} layers"):
-            curv = inf.fit_curvature(net, task, seqs.batch, strategy=strategy, fisher=fisher, damping=damping,
-                                     damping_factor=damping_factor, layers=[x.name for x in tracked], blocks=blocks,
-                                     batch_size=batch_size, n_train=n_train, seed=seed, progress=True)
+            curv = inf.fit_curvature(
+                net,
+                task,
+                seqs.batch,
+                strategy=strategy,
+                fisher=fisher,
+                damping=damping,
+                damping_factor=damping_factor,
+                layers=[x.name for x in tracked],
+                blocks=blocks,
+                batch_size=batch_size,
+                n_train=n_train,
+                seed=seed,
+                progress=True,
+            )
         record = {
             "format": FORMAT,
             "version": VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "model": {"source": model_source, "class": type(net).__name__, "dtype": dtype, "device": device,
-                      "parameters": sum(p.numel() for p in net.parameters())},
+            "model": {
+                "source": model_source,
+                "class": type(net).__name__,
+                "dtype": dtype,
+                "device": device,
+                "parameters": sum(p.numel() for p in net.parameters()),
+            },
             "data": _data_record(settings, docs, seqs),
-            "fit": {"strategy": strategy, "fisher": fisher, "layers": layers, "tracked_layers": curv.layer_names,
-                    "damping": damping, "damping_factor": damping_factor, "blocks": blocks, "seed": seed,
-                    "batch_size": batch_size, "n_fit": curv.n_fit, "n_train": curv.n_train,
-                    "factor_bytes": curv.nbytes(), "processes": dist.world_size()},
+            "fit": {
+                "strategy": strategy,
+                "fisher": fisher,
+                "layers": layers,
+                "tracked_layers": curv.layer_names,
+                "damping": damping,
+                "damping_factor": damping_factor,
+                "blocks": blocks,
+                "seed": seed,
+                "batch_size": batch_size,
+                "n_fit": curv.n_fit,
+                "n_train": curv.n_train,
+                "factor_bytes": curv.nbytes(),
+                "processes": dist.world_size(),
+            },
             "versions": versions(),
         }
         record["timings"] = timer.as_dict()
@@ -774,16 +925,20 @@ def fit(
 
             dist.run_collectively(lambda: write_fit(target, write))  # rank 0 writes; a failure fails every rank
         processes = dist.world_size()
-    _say(console, f"fitted {strategy} on {len(curv.layers)} layers × {curv.n_fit} sequences "
-                  f"(factors {_size(curv.nbytes())}) → {target}")
+    _say(
+        console,
+        f"fitted {strategy} on {len(curv.layers)} layers × {curv.n_fit} sequences "
+        f"(factors {_size(curv.nbytes())}) → {target}",
+    )
     _timing_table(console, timer, _timings_title("fit", processes))
 
 
 # ----------------------------------------------------------------------------------------------------- scan
 
 
-def _queries_from_options(queries: Path | None, prompt: list[str] | None,
-                          completion: list[str] | None) -> list[dict[str, str]]:
+def _queries_from_options(
+    queries: Path | None, prompt: list[str] | None, completion: list[str] | None
+) -> list[dict[str, str]]:
     from influencer.data import DataError, read_queries
 
     prompt, completion = prompt or [], completion or []
@@ -794,8 +949,9 @@ def _queries_from_options(queries: Path | None, prompt: list[str] | None,
     if not prompt and not completion:
         raise UserError("no queries: pass --queries FILE.jsonl or --prompt TEXT --completion TEXT")
     if len(prompt) != len(completion):
-        raise UserError(f"got {len(prompt)} --prompt but {len(completion)} --completion; pair each prompt with "
-                        "a completion")
+        raise UserError(
+            f"got {len(prompt)} --prompt but {len(completion)} --completion; pair each prompt with a completion"
+        )
     out = []
     for i, (p, c) in enumerate(zip(prompt, completion, strict=True), 1):
         if not c.strip():
@@ -807,13 +963,30 @@ def _queries_from_options(queries: Path | None, prompt: list[str] | None,
 def _scan_data_settings(recorded: dict[str, Any], data: str | None, **given: Any) -> dict[str, Any]:
     """The recorded data settings of the fit, overridden by the options given (None = as recorded)."""
     if data is None:
-        settings = {k: recorded[k] for k in ("source", "format", "field", "text_unit", "split", "sequences",
-                                             "max_length", "packing", "truncation", "bos", "eos") if k in recorded}
+        settings = {
+            k: recorded[k]
+            for k in (
+                "source",
+                "format",
+                "field",
+                "text_unit",
+                "split",
+                "sequences",
+                "max_length",
+                "packing",
+                "truncation",
+                "bos",
+                "eos",
+            )
+            if k in recorded
+        }
         if given.get("sequences") is not None:
             settings["sequences"] = given["sequences"]
         if any(given.get(k) is not None for k in given if k != "sequences"):
-            raise UserError("data options other than --sequences need --data (without it the fit's data is "
-                            "scanned exactly as it was fitted)")
+            raise UserError(
+                "data options other than --sequences need --data (without it the fit's data is "
+                "scanned exactly as it was fitted)"
+            )
         return settings
 
     def pick(key: str, default: Any) -> Any:
@@ -821,13 +994,31 @@ def _scan_data_settings(recorded: dict[str, Any], data: str | None, **given: Any
         return value if value is not None else recorded.get(key, default)
 
     # another data set: its format is detected afresh; tokenization settings default to the fit's
-    return _data_settings(data, given.get("format") or "auto", pick("field", "text"), pick("text_unit", "line"),
-                          pick("split", "train"), given.get("sequences"), pick("max_length", 512),
-                          pick("packing", False), pick("truncation", "right"), pick("bos", False), pick("eos", None))
+    return _data_settings(
+        data,
+        given.get("format") or "auto",
+        pick("field", "text"),
+        pick("text_unit", "line"),
+        pick("split", "train"),
+        given.get("sequences"),
+        pick("max_length", 512),
+        pick("packing", False),
+        pick("truncation", "right"),
+        pick("bos", False),
+        pick("eos", None),
+    )
 
 
-def _refine_batch(timer: _Timer, tok: Any, record: dict[str, Any], settings: dict[str, Any], seqs: Sequences,
-                  data: str | None, steps: int, first: int | None) -> dict[str, Any] | None:
+def _refine_batch(
+    timer: _Timer,
+    tok: Any,
+    record: dict[str, Any],
+    settings: dict[str, Any],
+    seqs: Sequences,
+    data: str | None,
+    steps: int,
+    first: int | None,
+) -> dict[str, Any] | None:
     """The fit's sequences (the data the curvature describes), first ``first`` of them, for ``--refine``."""
     if steps == 0:
         if first is not None:
@@ -843,8 +1034,10 @@ def _refine_batch(timer: _Timer, tok: Any, record: dict[str, Any], settings: dic
         with timer.stage("refinement data", "the fit's sequences"):
             _, fit = _read_training(timer, tok, _scan_data_settings(record["data"], None))
         if record["data"].get("digest") not in (None, sequence_digest(fit.batch)):
-            raise UserError(f"the fit's training data at {record['data'].get('source')} changed since the fit (other "
-                            "tokens), so --refine has no data the curvature describes")
+            raise UserError(
+                f"the fit's training data at {record['data'].get('source')} changed since the fit (other "
+                "tokens), so --refine has no data the curvature describes"
+            )
     n = int(fit.batch["input_ids"].shape[0])
     take = n if first is None else min(first, n)
     return {k: v[:take] if isinstance(v, torch.Tensor) else v for k, v in fit.batch.items()}
@@ -859,8 +1052,7 @@ def _short_layer(name: str, names: Sequence[str]) -> str:
     return ".".join(name.split(".")[common:]) or name
 
 
-def _snippet(tok: Any, ids: torch.Tensor, tokens: torch.Tensor | None, *, width: int = 140,
-             highlight: int = 3) -> Text:
+def _snippet(tok: Any, ids: torch.Tensor, tokens: torch.Tensor | None, *, width: int = 140, highlight: int = 3) -> Text:
     """The sequence's text around its most influential token, the top tokens in bold reverse."""
     from rich.text import Text
 
@@ -891,84 +1083,170 @@ def _snippet(tok: Any, ids: torch.Tensor, tokens: torch.Tensor | None, *, width:
 @_command
 def scan(
     run: Path = typer.Argument(..., help="Run directory written by influencer fit."),
-    queries: Path | None = typer.Option(None, "--queries", "-q",
-                                        help='JSON Lines file of {"prompt": ..., "completion": ...} objects.',
-                                        rich_help_panel=_QUERY),
-    prompt: list[str] | None = typer.Option(None, "--prompt", "-p", help="A query prompt (repeat for several).",
-                                            rich_help_panel=_QUERY),
+    queries: Path | None = typer.Option(
+        None,
+        "--queries",
+        "-q",
+        help='JSON Lines file of {"prompt": ..., "completion": ...} objects.',
+        rich_help_panel=_QUERY,
+    ),
+    prompt: list[str] | None = typer.Option(
+        None, "--prompt", "-p", help="A query prompt (repeat for several).", rich_help_panel=_QUERY
+    ),
     completion: list[str] | None = typer.Option(
-        None, "--completion", "-c", help="Its completion (paired with --prompt in order; start it with a space).",
-        rich_help_panel=_QUERY),
-    chat_template: bool = typer.Option(False, "--chat-template/--no-chat-template",
-                                       help="Wrap each prompt in the tokenizer's chat template (instruct models); "
-                                            "the completion is the assistant's reply.", rich_help_panel=_QUERY),
-    system: str | None = typer.Option(None, "--system", help="System message for --chat-template.",
-                                      rich_help_panel=_QUERY),
-    query_max_length: int | None = typer.Option(None, "--query-max-length", min=2, show_default="no limit",
-                                                help="Longest query in tokens.", rich_help_panel=_QUERY),
-    query_truncation: TruncationChoice = typer.Option(TruncationChoice.error, "--query-truncation",
-                                         help="A longer query: error, cut the end of its completion (right), or "
-                                              "the start of its prompt (left).", rich_help_panel=_QUERY),
-    rank: int = typer.Option(32, "--rank", min=0, help="Rank of the stored query gradients (0: exact).",
-                             rich_help_panel=_SCAN),
-    top_k: int = typer.Option(10, "--top-k", "-k", min=1, help="Hits kept per query (most positive, most "
-                                                                "negative, per layer band).", rich_help_panel=_SCAN),
-    prefilter: int | None = typer.Option(None, "--prefilter", min=1, show_default="off",
-                                         help="Score only each query's top N training sequences under BM25 "
-                                              "(paper §3.2.1; biases what is found).", rich_help_panel=_SCAN),
-    tokens: bool = typer.Option(True, "--tokens/--no-tokens",
-                                help="Per-token influence of every hit (a second pass over the hits only).",
-                                rich_help_panel=_SCAN),
-    per_layer: bool = typer.Option(False, "--per-layer", help="Show each hit's largest per-layer contributions.",
-                                   rich_help_panel=_SCAN),
-    keep_scores: bool = typer.Option(False, "--keep-scores", help="Also keep the full score matrix (queries × N).",
-                                     rich_help_panel=_SCAN),
-    refine: int = typer.Option(0, "--refine", min=0, show_default="0: off",
-                               help="Refine each query by N steps of conjugate gradients on the full Gauss-Newton "
-                                    "matrix over the fit's sequences, preconditioned by the curvature (closer to "
-                                    "the exact influence; each step costs about one pass over them per query).",
-                               rich_help_panel=_SCAN),
-    refine_sequences: int | None = typer.Option(None, "--refine-sequences", min=1, show_default="all",
-                                                help="Refine on the first N of the fit's sequences.",
-                                                rich_help_panel=_SCAN),
+        None,
+        "--completion",
+        "-c",
+        help="Its completion (paired with --prompt in order; start it with a space).",
+        rich_help_panel=_QUERY,
+    ),
+    chat_template: bool = typer.Option(
+        False,
+        "--chat-template/--no-chat-template",
+        help="Wrap each prompt in the tokenizer's chat template (instruct models); "
+        "the completion is the assistant's reply.",
+        rich_help_panel=_QUERY,
+    ),
+    system: str | None = typer.Option(
+        None, "--system", help="System message for --chat-template.", rich_help_panel=_QUERY
+    ),
+    query_max_length: int | None = typer.Option(
+        None,
+        "--query-max-length",
+        min=2,
+        show_default="no limit",
+        help="Longest query in tokens.",
+        rich_help_panel=_QUERY,
+    ),
+    query_truncation: TruncationChoice = typer.Option(
+        TruncationChoice.error,
+        "--query-truncation",
+        help="A longer query: error, cut the end of its completion (right), or the start of its prompt (left).",
+        rich_help_panel=_QUERY,
+    ),
+    rank: int = typer.Option(
+        32, "--rank", min=0, help="Rank of the stored query gradients (0: exact).", rich_help_panel=_SCAN
+    ),
+    top_k: int = typer.Option(
+        10,
+        "--top-k",
+        "-k",
+        min=1,
+        help="Hits kept per query (most positive, most negative, per layer band).",
+        rich_help_panel=_SCAN,
+    ),
+    prefilter: int | None = typer.Option(
+        None,
+        "--prefilter",
+        min=1,
+        show_default="off",
+        help="Score only each query's top N training sequences under BM25 (paper §3.2.1; biases what is found).",
+        rich_help_panel=_SCAN,
+    ),
+    tokens: bool = typer.Option(
+        True,
+        "--tokens/--no-tokens",
+        help="Per-token influence of every hit (a second pass over the hits only).",
+        rich_help_panel=_SCAN,
+    ),
+    per_layer: bool = typer.Option(
+        False, "--per-layer", help="Show each hit's largest per-layer contributions.", rich_help_panel=_SCAN
+    ),
+    keep_scores: bool = typer.Option(
+        False, "--keep-scores", help="Also keep the full score matrix (queries × N).", rich_help_panel=_SCAN
+    ),
+    refine: int = typer.Option(
+        0,
+        "--refine",
+        min=0,
+        show_default="0: off",
+        help="Refine each query by N steps of conjugate gradients on the full Gauss-Newton "
+        "matrix over the fit's sequences, preconditioned by the curvature (closer to "
+        "the exact influence; each step costs about one pass over them per query).",
+        rich_help_panel=_SCAN,
+    ),
+    refine_sequences: int | None = typer.Option(
+        None,
+        "--refine-sequences",
+        min=1,
+        show_default="all",
+        help="Refine on the first N of the fit's sequences.",
+        rich_help_panel=_SCAN,
+    ),
     show: int = typer.Option(5, "--show", min=0, help="Hits printed per query.", rich_help_panel=_SCAN),
-    shard_size: int = typer.Option(1024, "--shard-size", min=1,
-                                   help="Sequences per resumable shard.", rich_help_panel=_SCAN),
-    n_train: int | None = typer.Option(None, "--n-train", min=1, show_default="as fitted",
-                                       help="Training-set size N for per-copy units.", rich_help_panel=_SCAN),
-    data: str | None = typer.Option(None, "--data", show_default="the fit's data",
-                                    help="Training data to scan (same forms as fit's DATA).", rich_help_panel=_DATA),
-    fmt: FormatChoice | None = typer.Option(None, "--format",
-                                   show_default="auto", help="Format of --data.", rich_help_panel=_DATA),
-    field_name: str | None = typer.Option(None, "--field", show_default="as fitted", help="Text field of --data.",
-                                          rich_help_panel=_DATA),
-    text_unit: UnitChoice | None = typer.Option(None, "--text-unit",
-                                         show_default="as fitted", help="Plain text: a document per line or file.",
-                                         rich_help_panel=_DATA),
-    split: str | None = typer.Option(None, "--split", show_default="as fitted", help="Hugging Face split.",
-                                     rich_help_panel=_DATA),
-    sequences: int | None = typer.Option(None, "--sequences", "-n", min=1, show_default="as fitted",
-                                         help="Scan the first N sequences.", rich_help_panel=_DATA),
-    max_length: int | None = typer.Option(None, "--max-length", min=2, show_default="as fitted",
-                                          help="Tokens per sequence.", rich_help_panel=_DATA),
-    packing: bool | None = typer.Option(None, "--packing/--no-packing", show_default="as fitted",
-                                        help="Pack documents into --max-length sequences.", rich_help_panel=_DATA),
-    truncation: TruncationChoice | None = typer.Option(None, "--truncation",
-                                          show_default="as fitted", help="Over-long documents.",
-                                          rich_help_panel=_DATA),
-    bos: bool | None = typer.Option(None, "--bos/--no-bos", show_default="as fitted", help="Prepend BOS.",
-                                    rich_help_panel=_DATA),
-    eos: bool | None = typer.Option(None, "--eos/--no-eos", show_default="as fitted", help="Append EOS.",
-                                    rich_help_panel=_DATA),
-    model: str | None = typer.Option(None, "--model", show_default="the fit's model",
-                                     help="The model (must be the one the curvature was fitted on)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", "-b", min=1, show_default="as fitted",
-                                          help="Sequences per pass."),
+    shard_size: int = typer.Option(
+        1024, "--shard-size", min=1, help="Sequences per resumable shard.", rich_help_panel=_SCAN
+    ),
+    n_train: int | None = typer.Option(
+        None,
+        "--n-train",
+        min=1,
+        show_default="as fitted",
+        help="Training-set size N for per-copy units.",
+        rich_help_panel=_SCAN,
+    ),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        show_default="the fit's data",
+        help="Training data to scan (same forms as fit's DATA).",
+        rich_help_panel=_DATA,
+    ),
+    fmt: FormatChoice | None = typer.Option(
+        None, "--format", show_default="auto", help="Format of --data.", rich_help_panel=_DATA
+    ),
+    field_name: str | None = typer.Option(
+        None, "--field", show_default="as fitted", help="Text field of --data.", rich_help_panel=_DATA
+    ),
+    text_unit: UnitChoice | None = typer.Option(
+        None,
+        "--text-unit",
+        show_default="as fitted",
+        help="Plain text: a document per line or file.",
+        rich_help_panel=_DATA,
+    ),
+    split: str | None = typer.Option(
+        None, "--split", show_default="as fitted", help="Hugging Face split.", rich_help_panel=_DATA
+    ),
+    sequences: int | None = typer.Option(
+        None,
+        "--sequences",
+        "-n",
+        min=1,
+        show_default="as fitted",
+        help="Scan the first N sequences.",
+        rich_help_panel=_DATA,
+    ),
+    max_length: int | None = typer.Option(
+        None, "--max-length", min=2, show_default="as fitted", help="Tokens per sequence.", rich_help_panel=_DATA
+    ),
+    packing: bool | None = typer.Option(
+        None,
+        "--packing/--no-packing",
+        show_default="as fitted",
+        help="Pack documents into --max-length sequences.",
+        rich_help_panel=_DATA,
+    ),
+    truncation: TruncationChoice | None = typer.Option(
+        None, "--truncation", show_default="as fitted", help="Over-long documents.", rich_help_panel=_DATA
+    ),
+    bos: bool | None = typer.Option(
+        None, "--bos/--no-bos", show_default="as fitted", help="Prepend BOS.", rich_help_panel=_DATA
+    ),
+    eos: bool | None = typer.Option(
+        None, "--eos/--no-eos", show_default="as fitted", help="Append EOS.", rich_help_panel=_DATA
+    ),
+    model: str | None = typer.Option(
+        None, "--model", show_default="the fit's model", help="The model (must be the one the curvature was fitted on)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", "-b", min=1, show_default="as fitted", help="Sequences per pass."
+    ),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N."),
-    dtype: DtypeChoice | None = typer.Option(None, "--dtype",
-                                     show_default="as fitted", help="Model weights dtype."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing scan (or discard an unfinished "
-                                                              "one) in RUN."),
+    dtype: DtypeChoice | None = typer.Option(None, "--dtype", show_default="as fitted", help="Model weights dtype."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing scan (or discard an unfinished one) in RUN."
+    ),
 ) -> None:
     """Score every training sequence of a run against your queries; write RUN/scan/ and print the top hits.
 
@@ -1003,9 +1281,20 @@ def scan(
             query_list = _queries_from_options(queries, prompt, completion)
             resolved = _resolve_device(device)
             model_source = _model_source(model) if model is not None else record["model"]["source"]
-            settings = _scan_data_settings(record["data"], data, format=fmt, field=field_name, text_unit=text_unit,
-                                           split=split, sequences=sequences, max_length=max_length,
-                                           packing=packing, truncation=truncation, bos=bos, eos=eos)
+            settings = _scan_data_settings(
+                record["data"],
+                data,
+                format=fmt,
+                field=field_name,
+                text_unit=text_unit,
+                split=split,
+                sequences=sequences,
+                max_length=max_length,
+                packing=packing,
+                truncation=truncation,
+                bos=bos,
+                eos=eos,
+            )
             if dist.is_main() and (run / SCAN).exists() and not overwrite:  # rank 0 decides about the run
                 raise UserError(f"{run / SCAN} already holds a scan; pass --overwrite to replace it")
             return record, query_list, resolved, model_source, settings
@@ -1019,13 +1308,24 @@ def scan(
                 curv = inf.Curvature.load(run / CURVATURE, net)
             docs, seqs = _read_training(timer, tok, settings)
             digest = sequence_digest(seqs.batch)
-            if data is None and settings.get("sequences") == record["data"].get("sequences") \
-                    and digest != record["data"].get("digest"):
-                raise UserError(f"the training data at {settings['source']} changed since the fit (other tokens); "
-                                "pass --data to scan it anyway")
+            if (
+                data is None
+                and settings.get("sequences") == record["data"].get("sequences")
+                and digest != record["data"].get("digest")
+            ):
+                raise UserError(
+                    f"the training data at {settings['source']} changed since the fit (other tokens); "
+                    "pass --data to scan it anyway"
+                )
             _say(console, f"data: {seqs.report.summary()}")
-            qbatch, qreport = encode_queries(tok, query_list, max_length=query_max_length,
-                                             truncation=query_truncation, chat_template=chat_template, system=system)
+            qbatch, qreport = encode_queries(
+                tok,
+                query_list,
+                max_length=query_max_length,
+                truncation=query_truncation,
+                chat_template=chat_template,
+                system=system,
+            )
             _say(console, f"queries: {qreport.summary()}")
             _check_positions(net, seqs.batch, "training sequences", "--max-length")
             _check_positions(net, qbatch, "queries", "--query-max-length")
@@ -1035,11 +1335,15 @@ def scan(
                 from influencer.prefilter import BM25Index, completion_mask
 
                 with timer.stage("prefilter", f"BM25 top {prefilter}"):
-                    index = BM25Index(seqs.batch["input_ids"], attention_mask=seqs.batch["attention_mask"],
-                                      vocab_size=max(len(tok), int(seqs.batch["input_ids"].max()) + 1),
-                                      ignore_ids=tok.all_special_ids)
-                    _, candidates = index.candidates(qbatch, n=prefilter, query_mask=completion_mask(qbatch),
-                                                     per_query=True)
+                    index = BM25Index(
+                        seqs.batch["input_ids"],
+                        attention_mask=seqs.batch["attention_mask"],
+                        vocab_size=max(len(tok), int(seqs.batch["input_ids"].max()) + 1),
+                        ignore_ids=tok.all_special_ids,
+                    )
+                    _, candidates = index.candidates(
+                        qbatch, n=prefilter, query_mask=completion_mask(qbatch), per_query=True
+                    )
             return net, tok, curv, docs, seqs, digest, qbatch, qreport, candidates, refine_batch
 
         net, tok, curv, docs, seqs, digest, qbatch, qreport, candidates, refine_batch = _agree(load)
@@ -1058,14 +1362,31 @@ def scan(
             _say(console, f"resuming the unfinished scan in {partial}")
         with timer.stage("influence", f"{len(query_list)} queries × {len(seqs)} sequences"):
             try:
-                result = inf.scan(net, task, curv, qbatch, seqs.batch, rank=rank or None, top_k=top_k,
-                                  batch_size=batch_size, candidates=candidates, keep_scores=keep_scores,
-                                  tokens=tokens, out_dir=partial, shard_size=shard_size, n_train=n_train,
-                                  refine_data=refine_batch, refine_iterations=refine or 10, progress=True)
+                result = inf.scan(
+                    net,
+                    task,
+                    curv,
+                    qbatch,
+                    seqs.batch,
+                    rank=rank or None,
+                    top_k=top_k,
+                    batch_size=batch_size,
+                    candidates=candidates,
+                    keep_scores=keep_scores,
+                    tokens=tokens,
+                    out_dir=partial,
+                    shard_size=shard_size,
+                    n_train=n_train,
+                    refine_data=refine_batch,
+                    refine_iterations=refine or 10,
+                    progress=True,
+                )
             except ValueError as exc:
                 if "holds a scan" in str(exc) or "other query refinement settings" in str(exc):
-                    raise UserError(f"{run / SCAN_PARTIAL} holds an unfinished scan of other queries or settings; "
-                                    "pass --overwrite to discard it") from None
+                    raise UserError(
+                        f"{run / SCAN_PARTIAL} holds an unfinished scan of other queries or settings; "
+                        "pass --overwrite to discard it"
+                    ) from None
                 raise
         request = {
             "format": "influencer.scan-request",
@@ -1076,14 +1397,22 @@ def scan(
             "chat_template": chat_template,
             "system": system,
             "model": model_source,
-            "data": {**settings, "documents_skipped": docs.skipped, "report": seqs.report.as_dict(),
-                     "digest": digest},
-            "settings": {"rank": rank or None, "top_k": top_k, "prefilter": prefilter, "tokens": tokens,
-                         "keep_scores": keep_scores, "batch_size": batch_size, "shard_size": shard_size,
-                         "refine": refine, "refine_sequences": None if refine_batch is None
-                         else int(refine_batch["input_ids"].shape[0]),
-                         "n_train": result.n_train, "device": device, "resumed": resumed,
-                         "processes": dist.world_size()},
+            "data": {**settings, "documents_skipped": docs.skipped, "report": seqs.report.as_dict(), "digest": digest},
+            "settings": {
+                "rank": rank or None,
+                "top_k": top_k,
+                "prefilter": prefilter,
+                "tokens": tokens,
+                "keep_scores": keep_scores,
+                "batch_size": batch_size,
+                "shard_size": shard_size,
+                "refine": refine,
+                "refine_sequences": None if refine_batch is None else int(refine_batch["input_ids"].shape[0]),
+                "n_train": result.n_train,
+                "device": device,
+                "resumed": resumed,
+                "processes": dist.world_size(),
+            },
             "versions": versions(),
             "timings": timer.as_dict(),
         }
@@ -1097,8 +1426,11 @@ def scan(
     result.directory = run / SCAN
     if _main_rank():
         _print_hits(console, tok, result, query_list, seqs, show=show, per_layer=per_layer)
-    _say(console, f"per copy = influence / N with N = {result.n_train}: the predicted change of log p(completion) "
-                  "in nats from adding one copy of the sequence")
+    _say(
+        console,
+        f"per copy = influence / N with N = {result.n_train}: the predicted change of log p(completion) "
+        "in nats from adding one copy of the sequence",
+    )
     if not refine and record["fit"]["strategy"] != "identity":
         from influencer.refine import UNREFINED_SCALE_NOTE
 
@@ -1106,8 +1438,17 @@ def scan(
     _say(console, f"wrote {run / SCAN}")
     _timing_table(console, timer, _timings_title("scan", processes))
 
-def _print_hits(console: Console, tok: Any, result: Any, queries: list[dict[str, str]], seqs: Sequences, *,
-                show: int, per_layer: bool) -> None:
+
+def _print_hits(
+    console: Console,
+    tok: Any,
+    result: Any,
+    queries: list[dict[str, str]],
+    seqs: Sequences,
+    *,
+    show: int,
+    per_layer: bool,
+) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -1126,8 +1467,13 @@ def _print_hits(console: Console, tok: Any, result: Any, queries: list[dict[str,
         table.add_column("text (top tokens highlighted)", overflow="fold")
         for rank, hit in enumerate(result.top(q, show), 1):
             length = int(mask[hit.index].sum())
-            row: list[Any] = [str(rank), str(hit.index), Text(seqs.labels[hit.index]), f"{hit.score:.4g}",
-                              f"{hit.per_copy:+.3g}"]
+            row: list[Any] = [
+                str(rank),
+                str(hit.index),
+                Text(seqs.labels[hit.index]),
+                f"{hit.score:.4g}",
+                f"{hit.per_copy:+.3g}",
+            ]
             if per_layer:
                 best = sorted(hit.layers.items(), key=lambda kv: -abs(kv[1]))[:3]
                 row.append(Text("\n".join(f"{_short_layer(n, result.layer_names)} {v:+.3g}" for n, v in best)))
@@ -1138,8 +1484,10 @@ def _print_hits(console: Console, tok: Any, result: Any, queries: list[dict[str,
             table.add_row(*row)
         console.print(table)
         stats = result.stats(q)
-        _say(console, f"  scanned {int(stats['count'])} sequences: mean influence {stats['mean']:.3g}, "
-                      f"std {stats['std']:.3g}")
+        _say(
+            console,
+            f"  scanned {int(stats['count'])} sequences: mean influence {stats['mean']:.3g}, std {stats['std']:.3g}",
+        )
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -1159,8 +1507,9 @@ def report(
     except ModuleNotFoundError as exc:
         if exc.name not in ("influencer.report",):
             raise
-        raise UserError("this build of influencer has no report module (influencer.report); "
-                        "update influencer") from None
+        raise UserError(
+            "this build of influencer has no report module (influencer.report); update influencer"
+        ) from None
     import influencer as inf
     from influencer.data import sequence_digest
     from influencer.models import load_tokenizer
@@ -1182,8 +1531,10 @@ def report(
         settings = {k: v for k, v in request["data"].items() if k not in ("documents_skipped", "report", "digest")}
         _, seqs = _read_training(timer, tok, settings)
         if sequence_digest(seqs.batch) != request["data"].get("digest"):
-            raise UserError(f"the training data at {settings['source']} changed since the scan; the report would "
-                            "show the wrong texts")
+            raise UserError(
+                f"the training data at {settings['source']} changed since the scan; the report would "
+                "show the wrong texts"
+            )
         ids, mask = seqs.batch["input_ids"], seqs.batch["attention_mask"]
 
         def train_tokens(i: int) -> list[str]:
@@ -1210,9 +1561,16 @@ def report(
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
             try:
-                written = write_report(result, tmp, queries=request["queries"], train_tokens=train_tokens,
-                                       train_text=train_text, title=title or f"influencer report: {run.name}",
-                                       top=top, notes=notes)
+                written = write_report(
+                    result,
+                    tmp,
+                    queries=request["queries"],
+                    train_tokens=train_tokens,
+                    train_text=train_text,
+                    title=title or f"influencer report: {run.name}",
+                    top=top,
+                    notes=notes,
+                )
                 os.replace(written, target)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -1225,28 +1583,47 @@ def report(
 @app.command()
 @_command
 def demo(
-    verses: int = typer.Option(96, "--verses", min=1,
-                               help="Fit on the first N verses of Genesis (+ a few famous ones)."),
-    candidates: int = typer.Option(24, "--candidates", min=0,
-                                   help="BM25 candidates per query from the whole Bible (0: the fitting verses)."),
-    layers: str = typer.Option(r"model\.layers\.[0-5]\.mlp\.", "--layers",
-                               help="Layer preset or regex (default: the MLPs of blocks 0-5)."),
+    verses: int = typer.Option(
+        96, "--verses", min=1, help="Fit on the first N verses of Genesis (+ a few famous ones)."
+    ),
+    candidates: int = typer.Option(
+        24, "--candidates", min=0, help="BM25 candidates per query from the whole Bible (0: the fitting verses)."
+    ),
+    layers: str = typer.Option(
+        r"model\.layers\.[0-5]\.mlp\.", "--layers", help="Layer preset or regex (default: the MLPs of blocks 0-5)."
+    ),
     rank: int = typer.Option(32, "--rank", min=1, help="Rank of the stored queries."),
     strategy: StrategyChoice = typer.Option(StrategyChoice.ekfac, "--strategy", help="Curvature approximation."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per pass."),
     top: int = typer.Option(3, "--top", min=1, help="Hits printed per query."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch threads (default: torch's choice)."),
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for report.html (when influencer.report "
-                                                              "is available)."),
+    out: Path = typer.Option(
+        Path("runs/demo"), "--out", help="Folder for report.html (when influencer.report is available)."
+    ),
 ) -> None:
     """Run the end-to-end demo: EK-FAC on SmolLM2-135M, BM25 candidates from the whole King James Bible."""
     strategy = _value(strategy)
     from influencer import demo as demo_module
 
     _quiet_transformers()
-    argv = ["--verses", str(verses), "--candidates", str(candidates), "--layers", layers, "--rank", str(rank),
-            "--strategy", strategy,
-            "--batch-size", str(batch_size), "--top", str(top), "--out", str(out)]
+    argv = [
+        "--verses",
+        str(verses),
+        "--candidates",
+        str(candidates),
+        "--layers",
+        layers,
+        "--rank",
+        str(rank),
+        "--strategy",
+        strategy,
+        "--batch-size",
+        str(batch_size),
+        "--top",
+        str(top),
+        "--out",
+        str(out),
+    ]
     if threads:
         argv += ["--threads", str(threads)]
     with _live(_Timer()):
@@ -1260,15 +1637,21 @@ def demo(
 @_command
 def validate(
     setup: str = typer.Argument("concrete", help="Validation setup (e.g. concrete, digits, mnist, kjv-lm)."),
-    size: SizeChoice = typer.Option(SizeChoice.small, "--size",
-                             help="small: a quick check; full: the paper-sized experiment."),
-    measurements: int | None = typer.Option(None, "--measurements", min=1, show_default="the suite's default",
-                                            help="Held-out queries."),
-    train_points: int | None = typer.Option(None, "--train-points", min=1, show_default="the suite's default",
-                                            help="Training points compared."),
-    methods: str | None = typer.Option(None, "--methods", show_default="the suite's default",
-                                       help="Comma-separated methods (ekfac, kfac, diagonal, lissa, gradient-dot, "
-                                            "exact)."),
+    size: SizeChoice = typer.Option(
+        SizeChoice.small, "--size", help="small: a quick check; full: the paper-sized experiment."
+    ),
+    measurements: int | None = typer.Option(
+        None, "--measurements", min=1, show_default="the suite's default", help="Held-out queries."
+    ),
+    train_points: int | None = typer.Option(
+        None, "--train-points", min=1, show_default="the suite's default", help="Training points compared."
+    ),
+    methods: str | None = typer.Option(
+        None,
+        "--methods",
+        show_default="the suite's default",
+        help="Comma-separated methods (ekfac, kfac, diagonal, lissa, gradient-dot, exact).",
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Folder to save the results in."),
 ) -> None:
     """Compare influence estimates with the PBRF ground truth (paper §5.1); prints a table of correlations."""
@@ -1278,8 +1661,9 @@ def validate(
     except ModuleNotFoundError as exc:
         if exc.name not in ("influencer.validate",):
             raise
-        raise UserError("this build of influencer has no validation suite (influencer.validate); "
-                        "update influencer") from None
+        raise UserError(
+            "this build of influencer has no validation suite (influencer.validate); update influencer"
+        ) from None
     run_experiment = getattr(validation, "run_experiment", None)
     if run_experiment is None:
         raise UserError("influencer.validate has no run_experiment(); update influencer")

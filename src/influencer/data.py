@@ -531,8 +531,9 @@ def load_documents(
     else:
         docs = read_hf_dataset(source, field=field, split=split, max_documents=max_documents)
     if not docs.texts:
-        raise DataError(f"{source}: no documents (all {docs.skipped} were empty)" if docs.skipped
-                        else f"{source}: no documents")
+        raise DataError(
+            f"{source}: no documents (all {docs.skipped} were empty)" if docs.skipped else f"{source}: no documents"
+        )
     return docs
 
 
@@ -561,8 +562,10 @@ class SequenceReport:
         text = f"{self.documents} documents → {self.sequences} sequences ({how}), {self.tokens} tokens"
         if self.truncated:
             side = "end" if self.truncation == "right" else "start"
-            text += (f"; {self.truncated} sequences longer than {self.max_length} tokens lost their {side} "
-                     f"({self.truncated_tokens} tokens)")
+            text += (
+                f"; {self.truncated} sequences longer than {self.max_length} tokens lost their {side} "
+                f"({self.truncated_tokens} tokens)"
+            )
         if self.dropped_tokens:
             text += f"; {self.dropped_tokens} tokens left over"
         return text
@@ -634,7 +637,7 @@ def make_sequences(
     truncated = truncated_tokens = 0
     n_docs = len(documents.texts) if max_sequences is None else min(max_sequences, len(documents.texts))
     for start in range(0, n_docs, 1024):
-        chunk = documents.texts[start:min(start + 1024, n_docs)]
+        chunk = documents.texts[start : min(start + 1024, n_docs)]
         for i, ids in enumerate(_encode(tokenizer, chunk), start):
             label = documents.labels[i]
             if not ids:
@@ -644,27 +647,36 @@ def make_sequences(
                 if truncation == "error":
                     raise DataError(
                         f"document {label} has {len(row)} tokens, more than max length {max_length}; raise the "
-                        "max length, truncate ('right' keeps the start, 'left' the end) or pack the documents")
+                        "max length, truncate ('right' keeps the start, 'left' the end) or pack the documents"
+                    )
                 truncated += 1
                 truncated_tokens += len(row) - max_length
-                row = row[:max_length] if truncation == "right" else bos + row[len(row) - max_length + len(bos):]
+                row = row[:max_length] if truncation == "right" else bos + row[len(row) - max_length + len(bos) :]
             rows.append(row)
             labels.append(label)
     input_ids, attention_mask = _right_pad(rows, _pad_id(tokenizer))
-    report = SequenceReport(len(rows), len(rows), sum(map(len, rows)), truncated, truncated_tokens, max_length,
-                            False, truncation)
+    report = SequenceReport(
+        len(rows), len(rows), sum(map(len, rows)), truncated, truncated_tokens, max_length, False, truncation
+    )
     return Sequences({"input_ids": input_ids, "attention_mask": attention_mask}, labels, report)
 
 
-def _pack(tokenizer: PreTrainedTokenizerBase, documents: Documents, length: int, bos: list[int], eos: list[int],
-          max_sequences: int | None, truncation: str) -> Sequences:
+def _pack(
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Documents,
+    length: int,
+    bos: list[int],
+    eos: list[int],
+    max_sequences: int | None,
+    truncation: str,
+) -> Sequences:
     flat: list[int] = []
     starts: list[int] = []  # offset of each document in flat
     wanted = None if max_sequences is None else max_sequences * length
     for start in range(0, len(documents.texts), 1024):
         if wanted is not None and len(flat) >= wanted:
             break
-        for i, ids in enumerate(_encode(tokenizer, documents.texts[start:start + 1024]), start):
+        for i, ids in enumerate(_encode(tokenizer, documents.texts[start : start + 1024]), start):
             if not ids:
                 raise DataError(f"document {documents.labels[i]} has no tokens; remove it")
             starts.append(len(flat))
@@ -677,7 +689,7 @@ def _pack(tokenizer: PreTrainedTokenizerBase, documents: Documents, length: int,
     if n_seq < 1:
         raise DataError(f"the documents hold {len(flat)} tokens: too few for one packed sequence")
     used = min(len(flat), n_seq * length)
-    rows = [flat[i * length:min((i + 1) * length, used)] for i in range(n_seq)]
+    rows = [flat[i * length : min((i + 1) * length, used)] for i in range(n_seq)]
     labels = []
     for i in range(n_seq):
         first = bisect.bisect_right(starts, i * length) - 1
@@ -721,7 +733,7 @@ def read_queries(path: str | os.PathLike[str]) -> list[dict[str, str]]:
             raise DataError(f"{where}: empty completion; a query measures log p(completion | prompt), so give one")
         queries.append({"prompt": prompt, "completion": completion, "source": f"{p.name}:{lineno}"})
     if not queries:
-        raise DataError(f"{p}: no queries (expected lines like {{\"prompt\": \"...\", \"completion\": \"...\"}})")
+        raise DataError(f'{p}: no queries (expected lines like {{"prompt": "...", "completion": "..."}})')
     return queries
 
 
@@ -784,8 +796,9 @@ def encode_queries(
             raise DataError(f"{name}: empty completion; a query measures log p(completion | prompt), so give one")
         prompt = query["prompt"]
         if chat_template:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
-                                                                                       "content": prompt}]
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompts.append(prompt)
         completions.append(query["completion"])
@@ -801,26 +814,41 @@ def encode_queries(
         n = len(p_ids) + len(c_ids)
         if max_length is not None and n > max_length:
             if truncation == "error":
-                raise DataError(f"{name} has {n} tokens, more than max length {max_length}; raise the max length or "
-                                "truncate ('left' drops the start of the prompt, 'right' the end of the completion)")
+                raise DataError(
+                    f"{name} has {n} tokens, more than max length {max_length}; raise the max length or "
+                    "truncate ('left' drops the start of the prompt, 'right' the end of the completion)"
+                )
             if truncation == "left":
                 keep = max_length - len(c_ids) - len(bos)
                 if keep < 1:
-                    raise DataError(f"{name}: its completion alone has {len(c_ids)} tokens, no room for the prompt "
-                                    f"within max length {max_length}")
-                p_ids = bos + p_ids[len(p_ids) - keep:]
+                    raise DataError(
+                        f"{name}: its completion alone has {len(c_ids)} tokens, no room for the prompt "
+                        f"within max length {max_length}"
+                    )
+                p_ids = bos + p_ids[len(p_ids) - keep :]
             else:
                 if len(p_ids) >= max_length:
-                    raise DataError(f"{name}: its prompt alone has {len(p_ids)} tokens, no room for the completion "
-                                    f"within max length {max_length}")
-                c_ids = c_ids[:max_length - len(p_ids)]
+                    raise DataError(
+                        f"{name}: its prompt alone has {len(p_ids)} tokens, no room for the completion "
+                        f"within max length {max_length}"
+                    )
+                c_ids = c_ids[: max_length - len(p_ids)]
             truncated += 1
         rows.append(p_ids + c_ids)
         prompt_lengths.append(len(p_ids))
     input_ids, attention_mask = _right_pad(rows, _pad_id(tokenizer))
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-             "prompt_length": torch.tensor(prompt_lengths, dtype=torch.long)}
-    report = QueryReport(len(rows), int(attention_mask.sum()), sum(len(r) - p for r, p in zip(rows, prompt_lengths,
-                                                                                              strict=True)),
-                         truncated, max_length, truncation, chat_template)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "prompt_length": torch.tensor(prompt_lengths, dtype=torch.long),
+    }
+    report = QueryReport(
+        len(rows),
+        int(attention_mask.sum()),
+        sum(len(r) - p for r, p in zip(rows, prompt_lengths, strict=True)),
+        truncated,
+        max_length,
+        truncation,
+        chat_template,
+    )
     return batch, report

@@ -172,16 +172,15 @@ def _gather_bytes(payload: bytes) -> list[bytes]:
     tdist.all_gather(sizes, size)
     longest = max(int(s) for s in sizes)
     padded = torch.zeros(longest, dtype=torch.uint8, device=dev)
-    padded[:data.numel()] = data.to(dev)
+    padded[: data.numel()] = data.to(dev)
     chunks = [torch.zeros_like(padded) for _ in range(world_size())]
     tdist.all_gather(chunks, padded)
-    return [c[:int(s)].cpu().numpy().tobytes() for c, s in zip(chunks, sizes, strict=True)]
+    return [c[: int(s)].cpu().numpy().tobytes() for c, s in zip(chunks, sizes, strict=True)]
 
 
 def _broadcast_bytes(payload: bytes | None, src: int) -> bytes:
     dev = _comm_device()
-    size = torch.tensor([len(payload) if rank() == src and payload is not None else 0], dtype=torch.int64,
-                        device=dev)
+    size = torch.tensor([len(payload) if rank() == src and payload is not None else 0], dtype=torch.int64, device=dev)
     tdist.broadcast(size, src=src)
     buf = torch.zeros(int(size), dtype=torch.uint8, device=dev)
     if rank() == src and payload:

@@ -69,13 +69,14 @@ def take(batch: Any, idx: Tensor) -> Any:
     return batch
 
 
-def iter_batches(task: Task, data: Any, batch_size: int, *, queries: bool = False,
-                 indices: Sequence[int] | Tensor | None = None) -> Iterator[tuple[Tensor, Any]]:
+def iter_batches(
+    task: Task, data: Any, batch_size: int, *, queries: bool = False, indices: Sequence[int] | Tensor | None = None
+) -> Iterator[tuple[Tensor, Any]]:
     """(indices [B], collated batch) over ``data`` (or over ``indices`` of it), in order."""
     ds = task.as_dataset(data, queries=queries)
     idx = torch.arange(len(ds)) if indices is None else torch.as_tensor(indices, dtype=torch.long)  # type: ignore[arg-type]
     for lo in range(0, len(idx), batch_size):
-        chunk = idx[lo:lo + batch_size]
+        chunk = idx[lo : lo + batch_size]
         yield chunk, task.collate([ds[int(i)] for i in chunk])
 
 
@@ -100,11 +101,20 @@ class FlatModel:
                     self.keys.append(f"model.{layer.name}.{pname}" if layer.name else f"model.{pname}")
                     self.shapes.append(p.shape)
         self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
-        self.theta0 = torch.cat([getattr(x.module, p).detach().reshape(-1)
-                                 for x in self.layers for p in ("weight", "bias")
-                                 if isinstance(getattr(x.module, p, None), Tensor)]).clone()
-        tracked = {id(getattr(x.module, p)) for x in self.layers for p in ("weight", "bias")
-                   if isinstance(getattr(x.module, p, None), Tensor)}
+        self.theta0 = torch.cat(
+            [
+                getattr(x.module, p).detach().reshape(-1)
+                for x in self.layers
+                for p in ("weight", "bias")
+                if isinstance(getattr(x.module, p, None), Tensor)
+            ]
+        ).clone()
+        tracked = {
+            id(getattr(x.module, p))
+            for x in self.layers
+            for p in ("weight", "bias")
+            if isinstance(getattr(x.module, p, None), Tensor)
+        }
         self.covers_all = all(id(p) in tracked for p in model.parameters() if p.requires_grad)
         self.device = model_device(model)
 
@@ -125,11 +135,11 @@ class FlatModel:
         """Flat vectors [K, P] → the engine's per-layer matrices name → [K, d_out, d_in + bias] (bias last)."""
         out, lo = {}, 0
         for x in self.layers:
-            w = v[:, lo:lo + x.d_out * x.d_in]
+            w = v[:, lo : lo + x.d_out * x.d_in]
             lo += x.d_out * x.d_in
             w = w.reshape(-1, x.d_in, x.d_out).transpose(1, 2) if x.kind == "conv1d" else w.reshape(-1, x.d_out, x.d_in)
             if x.bias:
-                w = torch.cat([w, v[:, lo:lo + x.d_out, None]], -1)
+                w = torch.cat([w, v[:, lo : lo + x.d_out, None]], -1)
                 lo += x.d_out
             out[x.name] = w
         return out
@@ -139,7 +149,7 @@ class FlatModel:
         parts = []
         for x in self.layers:
             m = mats[x.name]
-            w = m[..., :x.d_in]
+            w = m[..., : x.d_in]
             parts.append((w.transpose(1, 2) if x.kind == "conv1d" else w).reshape(len(m), -1))
             if x.bias:
                 parts.append(m[..., x.d_in])
@@ -181,10 +191,10 @@ class FlatModel:
     def to(self, batch: Any) -> Any:
         return self.task.to(batch, self.device)
 
-    def batches(self, data: Any, batch_size: int, *, queries: bool = False,
-                indices: Sequence[int] | Tensor | None = None) -> list[tuple[Tensor, Any]]:
-        return [(i, self.to(b)) for i, b in iter_batches(self.task, data, batch_size, queries=queries,
-                                                          indices=indices)]
+    def batches(
+        self, data: Any, batch_size: int, *, queries: bool = False, indices: Sequence[int] | Tensor | None = None
+    ) -> list[tuple[Tensor, Any]]:
+        return [(i, self.to(b)) for i, b in iter_batches(self.task, data, batch_size, queries=queries, indices=indices)]
 
     def collate_all(self, data: Any) -> Any:
         """The whole data set as one collated batch on the model's device."""
@@ -221,6 +231,7 @@ class FlatModel:
         out = torch.zeros_like(vs2)
         theta = self.theta0
         for (_, b), ref in zip(batches, refs, strict=True):
+
             def f(th: Tensor, b=b) -> Tensor:
                 return self.outputs(th, b)
 
@@ -275,11 +286,10 @@ def bregman_divergence(task: Task, h: Tensor, h_s: Tensor, batch: Any) -> Tensor
 
 def _generic_bregman(task: Task, h: Tensor, h_s: Tensor, batch: Any) -> Tensor:
     """L(h) − L(h_s) − ⟨∇_h L(h_s), h − h_s⟩ per example (any task whose loss is convex in the outputs)."""
+
     def total(o: Tensor) -> Tensor:
         return task.train_loss(o, batch).sum()
 
     g_s = grad(total)(h_s.detach()).detach()
     diff = (h - h_s).reshape(len(h), -1)
     return task.train_loss(h, batch) - task.train_loss(h_s, batch) - (g_s.reshape(len(h), -1) * diff).sum(1)
-
-

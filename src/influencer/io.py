@@ -66,8 +66,9 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                        metadata: dict[str, str] | None = None) -> None:
+def atomic_save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Save tensors as safetensors via a temporary sibling and a rename."""
     path = Path(path)
     fd, tmp = _atomic_target(path)
@@ -179,14 +180,19 @@ class RunLock:
         return RunLockedError(
             f"run directory '{self.path.parent}' is in use by {who}{what} since {holder.get('since', '?')}; "
             "wait for it to finish, use another directory, or — if that process is gone — delete "
-            f"'{self.path}'")
+            f"'{self.path}'"
+        )
 
     def _record(self) -> bytes:
         import socket
         import time
 
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
-                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "purpose": self.purpose,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         return (json.dumps(info) + "\n").encode()
 
     def acquire(self) -> RunLock:

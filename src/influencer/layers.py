@@ -133,8 +133,9 @@ def select_layers(model: nn.Module, spec: LayerSpec = "all") -> list[Layer]:
         by_name = {x.name: x for x in candidates}
         unknown = [n for n in names if n not in by_name]
         if unknown:
-            raise ValueError(f"layers {unknown} are not nn.Linear/Conv1D modules of this model; "
-                             f"candidates: {_describe(candidates)}")
+            raise ValueError(
+                f"layers {unknown} are not nn.Linear/Conv1D modules of this model; candidates: {_describe(candidates)}"
+            )
         chosen = [by_name[n] for n in dict.fromkeys(names)]
         what = "the given names"
     if not chosen:

@@ -72,8 +72,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def batches(dataset: Dataset, task: Task, batch_size: int, *, desc: str, progress: bool = True,
-            start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, Any]]:
+def batches(
+    dataset: Dataset,
+    task: Task,
+    batch_size: int,
+    *,
+    desc: str,
+    progress: bool = True,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[tuple[torch.Tensor, Any]]:
     """Yield (global indices [B], collated batch) over dataset[start:stop] with a progress bar."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
@@ -85,8 +93,17 @@ def batches(dataset: Dataset, task: Task, batch_size: int, *, desc: str, progres
             bar.update(len(idx))
 
 
-def layer_io(model: nn.Module, task: Task, layers: list[Layer], batch: Any, indices: torch.Tensor, *,
-             loss: str = "train", seed: int = 0, stream: int = 0) -> dict[str, LayerIO]:
+def layer_io(
+    model: nn.Module,
+    task: Task,
+    layers: list[Layer],
+    batch: Any,
+    indices: torch.Tensor,
+    *,
+    loss: str = "train",
+    seed: int = 0,
+    stream: int = 0,
+) -> dict[str, LayerIO]:
     """One forward + backward of the per-example ``loss`` summed over the batch; returns per-layer ā, g.
 
     loss: "train" (true labels), "sampled" (labels drawn from the model, keyed by (seed, stream, index)) or

@@ -98,24 +98,37 @@ class Plan:
 
     def report(self) -> str:
         """A readable table: stage, peak memory, the largest parts, time; then the suggestions."""
-        lines = [f"plan on {self.device} ({self.memory_kind}); settings: "
-                 + ", ".join(f"{k}={v}" for k, v in self.settings.items())]
+        lines = [
+            f"plan on {self.device} ({self.memory_kind}); settings: "
+            + ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        ]
         lines.append(f"{'stage':<12} {'peak':>11} {'time':>9}  largest parts")
         for s in self.stages:
             parts = sorted(s.parts.items(), key=lambda kv: -kv[1])[:4]
-            lines.append(f"{s.name:<12} {_fmt_bytes(s.memory):>11} {_fmt_time(s.seconds):>9}  "
-                         + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in parts) + (f"  ({s.note})" if s.note else ""))
+            lines.append(
+                f"{s.name:<12} {_fmt_bytes(s.memory):>11} {_fmt_time(s.seconds):>9}  "
+                + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in parts)
+                + (f"  ({s.note})" if s.note else "")
+            )
         lines.append(f"peak {_fmt_bytes(self.peak)}; total time {_fmt_time(self.seconds)}")
         for key, value in self.suggestions.items():
             lines.append(f"suggest {key}: {value}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"settings": self.settings, "device": self.device, "memory_kind": self.memory_kind,
-                "peak": self.peak, "seconds": self.seconds, "suggestions": self.suggestions,
-                "calibration": self.calibration,
-                "stages": [{"name": s.name, "memory": s.memory, "parts": s.parts, "seconds": s.seconds,
-                            "note": s.note} for s in self.stages]}
+        return {
+            "settings": self.settings,
+            "device": self.device,
+            "memory_kind": self.memory_kind,
+            "peak": self.peak,
+            "seconds": self.seconds,
+            "suggestions": self.suggestions,
+            "calibration": self.calibration,
+            "stages": [
+                {"name": s.name, "memory": s.memory, "parts": s.parts, "seconds": s.seconds, "note": s.note}
+                for s in self.stages
+            ],
+        }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -201,8 +214,7 @@ def _calibration_examples(model: nn.Module, task: Task, data: Any, batch_size: i
     return [dataset[i] for i in range(batch_size)]
 
 
-def _saved_activation_bytes(model: nn.Module, task: Task, layers: list[Layer],
-                            batch: Any) -> tuple[int, int, int]:
+def _saved_activation_bytes(model: nn.Module, task: Task, layers: list[Layer], batch: Any) -> tuple[int, int, int]:
     """(bytes autograd saves for the backward of one batch (deduplicated by storage), bytes of the captured ā
     and g, bytes of the model's outputs)."""
     storages: dict[int, int] = {}
@@ -249,8 +261,16 @@ def _time(fn, repeats: int = 2) -> float:
     return best
 
 
-def _calibrate_times(model: nn.Module, task: Task, layers: list[Layer], examples: list[Any], shapes: _Shapes,
-                     blocks: int, rank: int | None, n_queries: int) -> dict[str, float]:
+def _calibrate_times(
+    model: nn.Module,
+    task: Task,
+    layers: list[Layer],
+    examples: list[Any],
+    shapes: _Shapes,
+    blocks: int,
+    rank: int | None,
+    n_queries: int,
+) -> dict[str, float]:
     """Seconds per sequence of each pass and seconds per d³ of an eigendecomposition, measured on a batch."""
     from influencer.curvature.core import LayerFactors
     from influencer.curvature.fit import _Fit
@@ -282,16 +302,27 @@ def _calibrate_times(model: nn.Module, task: Task, layers: list[Layer], examples
     store_layers = {}
     for x in layers:
         if rank is None or rank * (x.d_out + x.width) >= x.d_out * x.width:
-            store_layers[x.name] = LayerQueries(x.name, dense=torch.randn(q, x.d_out, x.width, generator=g,
-                                                                          dtype=dtype))
+            store_layers[x.name] = LayerQueries(
+                x.name, dense=torch.randn(q, x.d_out, x.width, generator=g, dtype=dtype)
+            )
         else:
-            store_layers[x.name] = LayerQueries(x.name, left=torch.randn(q, x.d_out, rank, generator=g, dtype=dtype),
-                                                right=torch.randn(q, rank, x.width, generator=g, dtype=dtype))
+            store_layers[x.name] = LayerQueries(
+                x.name,
+                left=torch.randn(q, x.d_out, rank, generator=g, dtype=dtype),
+                right=torch.randn(q, rank, x.width, generator=g, dtype=dtype),
+            )
     store = QueryStore(store_layers, rank, q)
     scorers = [_LayerScorer(x, store.layers[x.name], "tokens", dtype, device) for x in layers]
     with eval_mode(model):
-        out["scan"] = _time(lambda: _scan_shard(model, task, layers, scorers, dataset, torch.arange(b), None, q, 10,
-                                                dtype, b, False, NoBar())) / b * (n_queries / q)
+        out["scan"] = (
+            _time(
+                lambda: _scan_shard(
+                    model, task, layers, scorers, dataset, torch.arange(b), None, q, 10, dtype, b, False, NoBar()
+                )
+            )
+            / b
+            * (n_queries / q)
+        )
     # per query: a measurement pass (like a training pass), preconditioning (two rotations) and the rank-k SVD
     from influencer.curvature.linalg import from_eigenbasis, to_eigenbasis
     from influencer.queries import truncated_svd
@@ -384,25 +415,54 @@ def plan(
     stages: list[Stage] = []
     fit_stages = stages_of(strategy)
     if "covariance" in fit_stages:
-        stages.append(Stage("covariance", {**base, "activations": activations(batch_size, sampled), "A/S sums": cov,
-                                           "casts": tokens * widest * item}))
+        stages.append(
+            Stage(
+                "covariance",
+                {
+                    **base,
+                    "activations": activations(batch_size, sampled),
+                    "A/S sums": cov,
+                    "casts": tokens * widest * item,
+                },
+            )
+        )
         d = shapes.largest_block(blocks)
-        stages.append(Stage("eigh", {**base, "A/S sums": cov, "eigenbases": cov, "workspace": d * d * (item + 40)},
-                            note=f"largest block {d}"))
+        stages.append(
+            Stage(
+                "eigh",
+                {**base, "A/S sums": cov, "eigenbases": cov, "workspace": d * d * (item + 40)},
+                note=f"largest block {d}",
+            )
+        )
     if "eigenvalues" in fit_stages or "diagonal" in fit_stages:
         name = "eigenvalues" if "eigenvalues" in fit_stages else "diagonal"
-        parts = {**base, "activations": activations(batch_size, sampled), "Λ sums": lam,
-                 "rotations": tokens * (widest + outs) * item, "per-sequence gradient": widest * outs * item}
+        parts = {
+            **base,
+            "activations": activations(batch_size, sampled),
+            "Λ sums": lam,
+            "rotations": tokens * (widest + outs) * item,
+            "per-sequence gradient": widest * outs * item,
+        }
         if name == "eigenvalues":
             parts["eigenbases"] = cov
         stages.append(Stage(name, parts))
     store_bytes, exact_bytes = shapes.store(n_queries, rank)
     largest_layer = max(x.d_out * x.width for x in tracked) * n_queries
     q_batch = min(n_queries, 16)
-    stages.append(Stage("queries", {**base, "factors": factors_bytes, "activations": activations(q_batch),
-                                    "query gradients": 2 * exact_bytes,
-                                    "rank-k SVD": largest_layer * 8 * 2 if rank is not None else 0,
-                                    "query store": store_bytes}, note=f"{n_queries} queries"))
+    stages.append(
+        Stage(
+            "queries",
+            {
+                **base,
+                "factors": factors_bytes,
+                "activations": activations(q_batch),
+                "query gradients": 2 * exact_bytes,
+                "rank-k SVD": largest_layer * 8 * 2 if rank is not None else 0,
+                "query store": store_bytes,
+            },
+            note=f"{n_queries} queries",
+        )
+    )
     dense_extra = 0
     if rank is not None:
         for x in tracked:
@@ -413,12 +473,21 @@ def plan(
                 if dense_extra + extra <= dense_budget:
                     dense_extra += extra
     k_cols = n_queries * (rank if rank is not None else outs)
-    stages.append(Stage("scan", {**base, "factors": factors_bytes, "query store": store_bytes,
-                                 "scorer copies": store_bytes + dense_extra,
-                                 "activations": activations(batch_size),
-                                 "token products": 2 * tokens * k_cols * item,
-                                 "top-k state": n_queries * top_k * 5 * (len(tracked) + 2) * 8},
-                        note=f"store {store_bytes / max(1, exact_bytes):.0%} of exact"))
+    stages.append(
+        Stage(
+            "scan",
+            {
+                **base,
+                "factors": factors_bytes,
+                "query store": store_bytes,
+                "scorer copies": store_bytes + dense_extra,
+                "activations": activations(batch_size),
+                "token products": 2 * tokens * k_cols * item,
+                "top-k state": n_queries * top_k * 5 * (len(tracked) + 2) * 8,
+            },
+            note=f"store {store_bytes / max(1, exact_bytes):.0%} of exact",
+        )
+    )
     if not cuda:
         # the CPU allocator keeps memory freed by an earlier pass (its activations); a later stage that allocates
         # less of that kind does not reuse all of it, so the process's RSS stays that much higher
@@ -427,8 +496,12 @@ def plan(
             own = st.parts.get("activations", 0)
             st.parts["retained by the allocator"] = max(0, earlier - own)
             earlier = max(earlier, own)
-    calibration: dict[str, float] = {"saved_bytes_per_sequence": saved1, "captured_bytes_per_sequence": captured1,
-                                     "output_bytes_per_sequence": logits1, "baseline": baseline}
+    calibration: dict[str, float] = {
+        "saved_bytes_per_sequence": saved1,
+        "captured_bytes_per_sequence": captured1,
+        "output_bytes_per_sequence": logits1,
+        "baseline": baseline,
+    }
     if calibrate:
         examples = _calibration_examples(model, task, data, batch_size, seq_len)
         with eval_mode(model):
@@ -442,18 +515,46 @@ def plan(
             elif s.name == "eigh":
                 s.seconds = times["eigh_per_d3"] * sum(
                     sum(b**3 for b in split_sizes(x.width, blocks)) * (shared.get(x.name, x.name) == x.name)
-                    + sum(b**3 for b in split_sizes(x.d_out, blocks)) for x in tracked)
-    settings = {"strategy": strategy, "layers": len(tracked), "blocks": blocks, "rank": rank,
-                "n_queries": n_queries, "batch_size": batch_size, "seq_len": seq_len, "n_train": n_train}
+                    + sum(b**3 for b in split_sizes(x.d_out, blocks))
+                    for x in tracked
+                )
+    settings = {
+        "strategy": strategy,
+        "layers": len(tracked),
+        "blocks": blocks,
+        "rank": rank,
+        "n_queries": n_queries,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "n_train": n_train,
+    }
     result = Plan(settings, stages, str(device), "device memory" if cuda else "peak RSS", calibration=calibration)
     if memory_budget is not None:
-        result.suggestions = _suggest(result, shapes, memory_budget, blocks, rank, n_queries, batch_size,
-                                      lambda b: activations(b, sampled), strategy)
+        result.suggestions = _suggest(
+            result,
+            shapes,
+            memory_budget,
+            blocks,
+            rank,
+            n_queries,
+            batch_size,
+            lambda b: activations(b, sampled),
+            strategy,
+        )
     return result
 
 
-def _suggest(p: Plan, shapes: _Shapes, budget: int, blocks: int, rank: int | None, n_queries: int,
-             batch_size: int, activations, strategy: str) -> dict[str, Any]:
+def _suggest(
+    p: Plan,
+    shapes: _Shapes,
+    budget: int,
+    blocks: int,
+    rank: int | None,
+    n_queries: int,
+    batch_size: int,
+    activations,
+    strategy: str,
+) -> dict[str, Any]:
     """Settings within ``budget``: fewest blocks for the fit, the largest batch, rank and resident queries."""
     out: dict[str, Any] = {"budget": _fmt_bytes(budget), "fits": p.peak <= budget}
 
@@ -478,12 +579,15 @@ def _suggest(p: Plan, shapes: _Shapes, budget: int, blocks: int, rank: int | Non
     if strategy in ("kfac", "ekfac"):
         limit = min(min(x.width, x.d_out) for x in shapes.layers)
         options = [o for o in (1, 2, 4, 8, 16, 32, 64) if o <= limit]
-        good = [o for o in options if fit_peak(o, batch_size) <= budget] or \
-            [o for o in options if fit_peak(o, 1) <= budget]
+        good = [o for o in options if fit_peak(o, batch_size) <= budget] or [
+            o for o in options if fit_peak(o, 1) <= budget
+        ]
         out["blocks"] = good[0] if good else None
         if not good:
-            out["blocks_note"] = "no block count fits the fit stages in the budget: track fewer layers per run " \
-                                 "(layer-group partitions, fit_partition(layers=...))"
+            out["blocks_note"] = (
+                "no block count fits the fit stages in the budget: track fewer layers per run "
+                "(layer-group partitions, fit_partition(layers=...))"
+            )
     o = out.get("blocks") or blocks
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if fit_peak(o, b) <= budget]
     out["batch_size"] = batches[-1] if batches else None
@@ -492,8 +596,13 @@ def _suggest(p: Plan, shapes: _Shapes, budget: int, blocks: int, rank: int | Non
     per_query_store = shapes.store(1, rank)[0]
     per_query = 2 * per_query_store + 2 * batch_size * int(p.settings["seq_len"]) * (rank or 1) * shapes.item
     out["resident_queries"] = max(0, (budget - others) // max(1, per_query))
-    ranks = [r for r in (8, 16, 32, 64, 128, 256) if others + n_queries * (
-        2 * shapes.store(1, r)[0] + 2 * batch_size * int(p.settings["seq_len"]) * r * shapes.item) <= budget]
+    ranks = [
+        r
+        for r in (8, 16, 32, 64, 128, 256)
+        if others
+        + n_queries * (2 * shapes.store(1, r)[0] + 2 * batch_size * int(p.settings["seq_len"]) * r * shapes.item)
+        <= budget
+    ]
     out["rank"] = ranks[-1] if ranks else None
     return out
 

@@ -21,8 +21,9 @@ from influencer.tasks import Task
 
 
 @amp_aware
-def measurement_gradients(model: nn.Module, task: Task, layers: list[Layer], queries: Any, *,
-                          batch_size: int = 16, progress: bool = False) -> dict[str, torch.Tensor]:
+def measurement_gradients(
+    model: nn.Module, task: Task, layers: list[Layer], queries: Any, *, batch_size: int = 16, progress: bool = False
+) -> dict[str, torch.Tensor]:
     """∇_θl f_q for every query and tracked layer: name → [Q, d_out, w] (compute dtype, model device)."""
     dataset = task.as_dataset(queries, queries=True)
     if len(dataset) == 0:  # type: ignore[arg-type]
@@ -38,8 +39,9 @@ def measurement_gradients(model: nn.Module, task: Task, layers: list[Layer], que
 
 
 @amp_aware
-def preconditioned_queries(model: nn.Module, task: Task, curvature: Curvature, queries: Any, *,
-                           batch_size: int = 16, progress: bool = False) -> dict[str, torch.Tensor]:
+def preconditioned_queries(
+    model: nn.Module, task: Task, curvature: Curvature, queries: Any, *, batch_size: int = 16, progress: bool = False
+) -> dict[str, torch.Tensor]:
     """P_l = −(G_l + λ_l)⁻¹ ∇_l f_q: name → [Q, d_out, w]. ⟨P_l, ∇_l L(z)⟩ is the layer's influence on q."""
     layers = curvature.bind(model)
     grads = measurement_gradients(model, task, layers, queries, batch_size=batch_size, progress=progress)
@@ -140,9 +142,20 @@ class QueryStore:
 
     @classmethod
     @amp_aware
-    def build(cls, model: nn.Module, task: Task, curvature: Curvature, queries: Any, *, rank: int | None = 32,
-              batch_size: int = 16, refine_data: Any = None, refine_iterations: int = 10,
-              refine_batch_size: int = 256, progress: bool = False) -> QueryStore:
+    def build(
+        cls,
+        model: nn.Module,
+        task: Task,
+        curvature: Curvature,
+        queries: Any,
+        *,
+        rank: int | None = 32,
+        batch_size: int = 16,
+        refine_data: Any = None,
+        refine_iterations: int = 10,
+        refine_batch_size: int = 256,
+        progress: bool = False,
+    ) -> QueryStore:
         """Measurement gradients → preconditioned → rank ``rank`` (None: keep every layer exact).
 
         Queries are processed ``batch_size`` at a time and compressed before the next chunk, so the dense
@@ -163,15 +176,27 @@ class QueryStore:
                 else:
                     from influencer.refine import refine_queries
 
-                    precond = refine_queries(model, task, curvature, chunk, refine_data,
-                                             iterations=refine_iterations, batch_size=refine_batch_size,
-                                             query_chunk=batch_size)
+                    precond = refine_queries(
+                        model,
+                        task,
+                        curvature,
+                        chunk,
+                        refine_data,
+                        iterations=refine_iterations,
+                        batch_size=refine_batch_size,
+                        query_chunk=batch_size,
+                    )
                 parts.append(cls.from_preconditioned(precond, rank))
                 bar.update(min(batch_size, n - lo))
-        refine = None if refine_data is None else {
-            "iterations": int(refine_iterations), "data_size": len(task.as_dataset(refine_data))}  # type: ignore[arg-type]
-        return cls.concat(parts, meta={"strategy": curvature.strategy,
-                                       "fingerprint": curvature.fingerprint.get("digest"), "refine": refine})
+        refine = (
+            None
+            if refine_data is None
+            else {"iterations": int(refine_iterations), "data_size": len(task.as_dataset(refine_data))}
+        )  # type: ignore[arg-type]
+        return cls.concat(
+            parts,
+            meta={"strategy": curvature.strategy, "fingerprint": curvature.fingerprint.get("digest"), "refine": refine},
+        )
 
     @classmethod
     def concat(cls, parts: list[QueryStore], meta: dict[str, Any] | None = None) -> QueryStore:
@@ -187,12 +212,17 @@ class QueryStore:
         if any(p.rank != first.rank or list(p.layers) != list(first.layers) for p in parts):
             raise ValueError("query stores differ in rank or layers")
         layers = {n: LayerQueries(n, cat(n, "dense"), cat(n, "left"), cat(n, "right")) for n in first.layers}
-        return cls(layers=layers, rank=first.rank, n_queries=sum(p.n_queries for p in parts),
-                   meta=dict(first.meta) if meta is None else meta)
+        return cls(
+            layers=layers,
+            rank=first.rank,
+            n_queries=sum(p.n_queries for p in parts),
+            meta=dict(first.meta) if meta is None else meta,
+        )
 
     @classmethod
-    def from_preconditioned(cls, precond: dict[str, torch.Tensor], rank: int | None = 32,
-                            meta: dict[str, Any] | None = None) -> QueryStore:
+    def from_preconditioned(
+        cls, precond: dict[str, torch.Tensor], rank: int | None = 32, meta: dict[str, Any] | None = None
+    ) -> QueryStore:
         """Compress exact P_l (name → [Q, d_out, w], from :func:`preconditioned_queries`) to rank ``rank``."""
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be ≥ 1 or None, got {rank}")
@@ -224,9 +254,11 @@ class QueryStore:
 
     def memory_report(self) -> str:
         low = sum(x.low_rank for x in self.layers.values())
-        return (f"{self.n_queries} queries × {len(self.layers)} layers ({low} at rank {self.rank}, "
-                f"{len(self.layers) - low} exact): {self.nbytes() / 2**20:.1f} MiB "
-                f"(exact would be {self.exact_nbytes() / 2**20:.1f} MiB)")
+        return (
+            f"{self.n_queries} queries × {len(self.layers)} layers ({low} at rank {self.rank}, "
+            f"{len(self.layers) - low} exact): {self.nbytes() / 2**20:.1f} MiB "
+            f"(exact would be {self.exact_nbytes() / 2**20:.1f} MiB)"
+        )
 
     def to(self, device: torch.device | str) -> QueryStore:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -241,9 +273,17 @@ class QueryStore:
         for x in self.layers.values():
             tensors.update(x.tensors())
         atomic_save_tensors(path / _STORE, tensors)
-        atomic_write_json(path / _STORE_MANIFEST, {"format": "influencer.queries", "version": 1,
-                                                   "rank": self.rank, "n_queries": self.n_queries,
-                                                   "layers": list(self.layers), "meta": self.meta})
+        atomic_write_json(
+            path / _STORE_MANIFEST,
+            {
+                "format": "influencer.queries",
+                "version": 1,
+                "rank": self.rank,
+                "n_queries": self.n_queries,
+                "layers": list(self.layers),
+                "meta": self.meta,
+            },
+        )
         return path
 
     @classmethod
@@ -251,6 +291,5 @@ class QueryStore:
         path = Path(path)
         m = read_json(path / _STORE_MANIFEST)
         t = load_tensors(path / _STORE)
-        layers = {n: LayerQueries(n, t.get(f"{n}/dense"), t.get(f"{n}/left"), t.get(f"{n}/right"))
-                  for n in m["layers"]}
+        layers = {n: LayerQueries(n, t.get(f"{n}/dense"), t.get(f"{n}/left"), t.get(f"{n}/right")) for n in m["layers"]}
         return cls(layers=layers, rank=m["rank"], n_queries=m["n_queries"], meta=m.get("meta", {}))

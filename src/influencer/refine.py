@@ -36,8 +36,13 @@ from influencer.progress import progress_bar
 from influencer.queries import _slice_rows, measurement_gradients
 from influencer.tasks import Task
 
-__all__ = ["UNREFINED_SCALE_NOTE", "conjugate_gradients", "curvature_preconditioner", "damped_gnh_operator",
-           "refine_queries"]
+__all__ = [
+    "UNREFINED_SCALE_NOTE",
+    "conjugate_gradients",
+    "curvature_preconditioner",
+    "damped_gnh_operator",
+    "refine_queries",
+]
 
 #: Shown with unrefined scores (CLI scan and report, demo): the measured limit of plain (E)K-FAC magnitudes.
 UNREFINED_SCALE_NOTE = (
@@ -47,9 +52,15 @@ UNREFINED_SCALE_NOTE = (
 )
 
 
-def conjugate_gradients(apply: Callable[[Tensor], Tensor], v: Tensor, *, rtol: float = 1e-8, max_iter: int = 5000,
-                        precondition: Callable[[Tensor], Tensor] | None = None,
-                        iterations: int | None = None) -> tuple[Tensor, int, float]:
+def conjugate_gradients(
+    apply: Callable[[Tensor], Tensor],
+    v: Tensor,
+    *,
+    rtol: float = 1e-8,
+    max_iter: int = 5000,
+    precondition: Callable[[Tensor], Tensor] | None = None,
+    iterations: int | None = None,
+) -> tuple[Tensor, int, float]:
     """Solve A x = v for each row of v [K, P] by (preconditioned) conjugate gradients from x₀ = 0.
 
     apply: x [K, P] ↦ A x, A symmetric positive definite; precondition: r ↦ M⁻¹ r (None: none). Each row stops
@@ -83,8 +94,9 @@ def conjugate_gradients(apply: Callable[[Tensor], Tensor], v: Tensor, *, rtol: f
     return x, steps, float((r.norm(dim=1) / vn).max())
 
 
-def damped_gnh_operator(fm: FlatModel, data: Any, damping: Tensor, *,
-                        batch_size: int = 2048) -> Callable[[Tensor], Tensor]:
+def damped_gnh_operator(
+    fm: FlatModel, data: Any, damping: Tensor, *, batch_size: int = 2048
+) -> Callable[[Tensor], Tensor]:
     """x [K, P] ↦ (G + diag(damping)) x, G the full-batch Gauss-Newton matrix of ``fm`` over ``data``."""
     batches = fm.batches(data, batch_size)
     refs = fm.reference_outputs(batches)
@@ -113,20 +125,33 @@ def curvature_preconditioner(fm: FlatModel, curvature: Curvature) -> Callable[[T
 
 def _damping(curvature: Curvature) -> dict[str, float]:
     if curvature.strategy == "identity":
-        raise ValueError("refinement needs a fitted curvature (diagonal, kfac or ekfac) as preconditioner and its "
-                         "damping; the identity strategy has neither")
+        raise ValueError(
+            "refinement needs a fitted curvature (diagonal, kfac or ekfac) as preconditioner and its "
+            "damping; the identity strategy has neither"
+        )
     lam = {name: float(f.damping or 0.0) for name, f in curvature.layers.items()}
     bad = [name for name, v in lam.items() if not v > 0]
     if bad:
-        raise ValueError(f"refinement needs damping λ_l > 0 on every layer; layers {bad} have none "
-                         "(use curvature.with_damping(damping=...))")
+        raise ValueError(
+            f"refinement needs damping λ_l > 0 on every layer; layers {bad} have none "
+            "(use curvature.with_damping(damping=...))"
+        )
     return lam
 
 
 @amp_aware
-def refine_queries(model: nn.Module, task: Task, curvature: Curvature, queries: Any, data: Any, *,
-                   iterations: int = 10, batch_size: int = 256, query_chunk: int = 16,
-                   progress: bool = False) -> dict[str, Tensor]:
+def refine_queries(
+    model: nn.Module,
+    task: Task,
+    curvature: Curvature,
+    queries: Any,
+    data: Any,
+    *,
+    iterations: int = 10,
+    batch_size: int = 256,
+    query_chunk: int = 16,
+    progress: bool = False,
+) -> dict[str, Tensor]:
     """P = −x with x ≈ (G + λ)⁻¹ ∇f_q from ``iterations`` steps of CG on the full damped GNH over ``data``,
     preconditioned by ``curvature``: name → [Q, d_out, d_in + bias], the format of
     :func:`~influencer.preconditioned_queries` (``iterations=0`` gives exactly that, through the flat path).
@@ -142,8 +167,11 @@ def refine_queries(model: nn.Module, task: Task, curvature: Curvature, queries: 
     n = len(task.as_dataset(queries, queries=True))  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("no queries given")
-    apply = damped_gnh_operator(fm, data, fm.damping_vector(_damping(curvature)), batch_size=batch_size) \
-        if iterations > 0 else None
+    apply = (
+        damped_gnh_operator(fm, data, fm.damping_vector(_damping(curvature)), batch_size=batch_size)
+        if iterations > 0
+        else None
+    )
     parts: list[dict[str, Tensor]] = []
     with progress_bar("refining queries", n, unit="query", enabled=progress) as bar:
         for lo in range(0, n, query_chunk):

@@ -68,8 +68,10 @@ def check_fit_target(path: str | os.PathLike[str], *, overwrite: bool = False) -
     if p.is_dir():
         if _holds_fit(p):
             if not overwrite:
-                raise RunDirError(f"{p} already holds a fit; pass --overwrite to replace it (with its scans and "
-                                  "report) or choose another directory")
+                raise RunDirError(
+                    f"{p} already holds a fit; pass --overwrite to replace it (with its scans and "
+                    "report) or choose another directory"
+                )
         elif any(p.iterdir()):
             raise RunDirError(f"{p} exists and is not an influencer run directory; choose another directory")
     return p
@@ -88,8 +90,9 @@ def read_run(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.is_dir():
         raise RunDirError(f"{p}: no such run directory; create one with: influencer fit MODEL DATA --out {p}")
     if not (p / RUN_FILE).is_file() or not (p / CURVATURE).is_dir():
-        raise RunDirError(f"{p} is not a complete run directory (no {RUN_FILE} or {CURVATURE}/); "
-                          "create one with influencer fit")
+        raise RunDirError(
+            f"{p} is not a complete run directory (no {RUN_FILE} or {CURVATURE}/); create one with influencer fit"
+        )
     try:
         record = read_json(p / RUN_FILE)
     except ValueError as exc:
@@ -135,8 +138,11 @@ def read_scan_request(run: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(run).expanduser()
     path = p / SCAN / SCAN_REQUEST
     if not path.is_file():
-        hint = " (an unfinished one is in scan.partial: run the same scan again to finish it)" if (
-            p / SCAN_PARTIAL).exists() else ""
+        hint = (
+            " (an unfinished one is in scan.partial: run the same scan again to finish it)"
+            if (p / SCAN_PARTIAL).exists()
+            else ""
+        )
         raise RunDirError(f"{p} has no finished scan{hint}; run: influencer scan {p} --queries Q.jsonl")
     return read_json(path)
 

@@ -99,13 +99,14 @@ class _LayerScorer:
         # per-sequence gradients Ĝ_b = ā_bᵀ g_b for a chunk of sequences at once, then one GEMM against all queries
         chunk = max(1, _MATERIALIZE_CHUNK_BYTES // (self.p_flat.shape[1] * a.element_size()))
         for i in range(0, b, chunk):
-            grads = torch.bmm(a[i:i + chunk].mT, g[i:i + chunk])  # [b', w, d_out]
-            out[:, i:i + chunk] = self.p_flat @ grads.reshape(grads.shape[0], -1).T
+            grads = torch.bmm(a[i : i + chunk].mT, g[i : i + chunk])  # [b', w, d_out]
+            out[:, i : i + chunk] = self.p_flat @ grads.reshape(grads.shape[0], -1).T
         return out
 
 
-def _choose_modes(layers: list[Layer], store: QueryStore, tokens_per_seq: float, dense_budget: int,
-                  force: str | None) -> dict[str, str]:
+def _choose_modes(
+    layers: list[Layer], store: QueryStore, tokens_per_seq: float, dense_budget: int, force: str | None
+) -> dict[str, str]:
     """Pick each layer's contraction order by the cost model, within a memory budget for dense copies."""
     modes: dict[str, str] = {}
     gains = []
@@ -143,8 +144,11 @@ class _Top:
     @classmethod
     def empty(cls, q: int, k: int, n_layers: int, largest: bool, dtype: torch.dtype) -> _Top:
         fill = float("-inf") if largest else float("inf")
-        return cls(torch.full((q, k), fill, dtype=dtype), torch.full((q, k), -1, dtype=torch.long),
-                   torch.zeros(q, k, n_layers, dtype=dtype))
+        return cls(
+            torch.full((q, k), fill, dtype=dtype),
+            torch.full((q, k), -1, dtype=torch.long),
+            torch.zeros(q, k, n_layers, dtype=dtype),
+        )
 
     def update(self, values: torch.Tensor, indices: torch.Tensor, layers: torch.Tensor, largest: bool) -> None:
         """values [Q, B], indices [B] (or [Q, B]), layers [Q, B, L]; masked entries hold ∓inf."""
@@ -187,12 +191,19 @@ class _State:
     @classmethod
     def empty(cls, q: int, k: int, n_layers: int, dtype: torch.dtype) -> _State:
         z = torch.zeros(q, dtype=torch.float64)
-        return cls(_Top.empty(q, k, n_layers, True, dtype), _Top.empty(q, k, n_layers, False, dtype),
-                   {b: _Top.empty(q, k, n_layers, True, dtype) for b in BANDS}, z.clone(), z.clone(), z.clone(),
-                   z.clone())
+        return cls(
+            _Top.empty(q, k, n_layers, True, dtype),
+            _Top.empty(q, k, n_layers, False, dtype),
+            {b: _Top.empty(q, k, n_layers, True, dtype) for b in BANDS},
+            z.clone(),
+            z.clone(),
+            z.clone(),
+            z.clone(),
+        )
 
-    def update(self, indices: torch.Tensor, per_layer: torch.Tensor, allowed: torch.Tensor | None,
-               keep_scores: bool) -> None:
+    def update(
+        self, indices: torch.Tensor, per_layer: torch.Tensor, allowed: torch.Tensor | None, keep_scores: bool
+    ) -> None:
         """per_layer [L, Q, B] scores of sequences ``indices`` [B]; allowed [Q, B] bool (prefilter) or None."""
         total = per_layer.sum(0)
         layers = per_layer.permute(1, 2, 0)  # [Q, B, L]
@@ -212,8 +223,11 @@ class _State:
             self.scores.append((indices.clone(), torch.where(valid, total, torch.nan)))
 
     def merge(self, other: _State) -> None:
-        for mine, theirs, largest in ((self.top, other.top, True), (self.bottom, other.bottom, False),
-                                      *((self.bands[b], other.bands[b], True) for b in BANDS)):
+        for mine, theirs, largest in (
+            (self.top, other.top, True),
+            (self.bottom, other.bottom, False),
+            *((self.bands[b], other.bands[b], True) for b in BANDS),
+        ):
             mine.update(theirs.values, theirs.indices, theirs.layers, largest)
         self.count += other.count
         self.total += other.total
@@ -235,8 +249,15 @@ class _State:
         def top(name: str) -> _Top:
             return _Top(t[f"{name}/values"], t[f"{name}/indices"], t[f"{name}/layers"])
 
-        state = cls(top("top"), top("bottom"), {b: top(f"band_{b}") for b in BANDS}, t["count"], t["total"],
-                    t["positive"], t["squares"])
+        state = cls(
+            top("top"),
+            top("bottom"),
+            {b: top(f"band_{b}") for b in BANDS},
+            t["count"],
+            t["total"],
+            t["positive"],
+            t["squares"],
+        )
         if "scores/indices" in t:
             state.scores.append((t["scores/indices"], t["scores/values"]))
         return state
@@ -301,8 +322,7 @@ class ScanResult:
             layers = {n: float(v) for n, v in zip(self.layer_names, src.layers[query, j], strict=True)}
             score = float(src.layers[query, j].sum())
             lt = self.token_scores.get((query, idx))
-            hits.append(Hit(query, idx, score, score / self.n_train, layers,
-                            None if lt is None else lt.sum(0), lt))
+            hits.append(Hit(query, idx, score, score / self.n_train, layers, None if lt is None else lt.sum(0), lt))
         return hits
 
     def overlap(self, unfiltered: ScanResult, k: int | None = None) -> list[float]:
@@ -312,16 +332,23 @@ class ScanResult:
         """
         from influencer.prefilter import overlap
 
-        return [overlap([h.index for h in self.top(q, k)], [h.index for h in unfiltered.top(q, k)])
-                for q in range(self.n_queries)]
+        return [
+            overlap([h.index for h in self.top(q, k)], [h.index for h in unfiltered.top(q, k)])
+            for q in range(self.n_queries)
+        ]
 
     def stats(self, query: int) -> dict[str, float]:
         """Running totals for one query: count, mean, std, sum and sum of positive influence."""
         n = float(self.state.count[query])
         s, sq = float(self.state.total[query]), float(self.state.squares[query])
         mean = s / max(n, 1)
-        return {"count": n, "sum": s, "mean": mean, "std": max(sq / max(n, 1) - mean * mean, 0.0) ** 0.5,
-                "positive_sum": float(self.state.positive[query])}
+        return {
+            "count": n,
+            "sum": s,
+            "mean": mean,
+            "std": max(sq / max(n, 1) - mean * mean, 0.0) ** 0.5,
+            "positive_sum": float(self.state.positive[query]),
+        }
 
     @property
     def scores(self) -> torch.Tensor | None:
@@ -335,8 +362,9 @@ class ScanResult:
                 chunks.append((t["scores/indices"], t["scores/values"]))
         idx = torch.cat([i for i, _ in chunks])
         vals = torch.cat([v for _, v in chunks], 1)
-        out = torch.full((vals.shape[0], int(self.meta.get("n_dataset", self.n_scanned))), float("nan"),
-                         dtype=vals.dtype)
+        out = torch.full(
+            (vals.shape[0], int(self.meta.get("n_dataset", self.n_scanned))), float("nan"), dtype=vals.dtype
+        )
         out[:, idx] = vals
         return out
 
@@ -346,9 +374,17 @@ class ScanResult:
         for (q, i), v in self.token_scores.items():
             tensors[f"tokens/{q}/{i}"] = v
         atomic_save_tensors(path / "result.safetensors", tensors)
-        atomic_write_json(path / "result.json", {"format": "influencer.scan", "version": 1,
-                                                 "layer_names": self.layer_names, "n_train": self.n_train,
-                                                 "n_scanned": self.n_scanned, "meta": self.meta})
+        atomic_write_json(
+            path / "result.json",
+            {
+                "format": "influencer.scan",
+                "version": 1,
+                "layer_names": self.layer_names,
+                "n_train": self.n_train,
+                "n_scanned": self.n_scanned,
+                "meta": self.meta,
+            },
+        )
         return path
 
     @classmethod
@@ -369,13 +405,30 @@ class ScanResult:
 
 
 @amp_aware
-def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train: Any, *,
-         store: QueryStore | None = None, rank: int | None = 32, top_k: int = 10, batch_size: int = 16,
-         candidates: Sequence[torch.Tensor] | torch.Tensor | None = None, keep_scores: bool = False,
-         tokens: bool = True, out_dir: str | os.PathLike | None = None, shard_size: int = 1024,
-         data_range: tuple[int, int] | None = None, n_train: int | None = None, contraction: str | None = None,
-         dense_budget: int = DEFAULT_DENSE_BUDGET, refine_data: Any = None, refine_iterations: int = 10,
-         progress: bool = True) -> ScanResult:
+def scan(
+    model: nn.Module,
+    task: Task,
+    curvature: Curvature,
+    queries: Any,
+    train: Any,
+    *,
+    store: QueryStore | None = None,
+    rank: int | None = 32,
+    top_k: int = 10,
+    batch_size: int = 16,
+    candidates: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    keep_scores: bool = False,
+    tokens: bool = True,
+    out_dir: str | os.PathLike | None = None,
+    shard_size: int = 1024,
+    data_range: tuple[int, int] | None = None,
+    n_train: int | None = None,
+    contraction: str | None = None,
+    dense_budget: int = DEFAULT_DENSE_BUDGET,
+    refine_data: Any = None,
+    refine_iterations: int = 10,
+    progress: bool = True,
+) -> ScanResult:
     """Score every training sequence against every query in one pass; returns a :class:`ScanResult`.
 
     rank: rank of the stored queries (None = exact). top_k: hits kept per query (positive, negative, per band).
@@ -404,12 +457,17 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
     refine: dict[str, Any] | None = None
     if refine_data is not None:
         if store is not None:
-            raise ValueError("refine_data refines the queries while the store is built; a given store is used as "
-                             "it is: pass refine_data to QueryStore.build instead")
+            raise ValueError(
+                "refine_data refines the queries while the store is built; a given store is used as "
+                "it is: pass refine_data to QueryStore.build instead"
+            )
         if refine_iterations < 1:
             raise ValueError(f"refine_iterations must be ≥ 1 with refine_data, got {refine_iterations}")
-        refine = {"iterations": int(refine_iterations), "data": _digest(task, refine_data, queries=False),
-                  "data_size": len(task.as_dataset(refine_data))}  # type: ignore[arg-type]
+        refine = {
+            "iterations": int(refine_iterations),
+            "data": _digest(task, refine_data, queries=False),
+            "data_size": len(task.as_dataset(refine_data)),
+        }  # type: ignore[arg-type]
     layers = curvature.bind(model)
     dataset = task.as_dataset(train)
     n = len(dataset)  # type: ignore[arg-type]
@@ -418,16 +476,46 @@ def scan(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train
         raise ValueError(f"data_range {data_range} is not a non-empty range within the {n} training sequences")
     out = Path(out_dir) if out_dir is not None else None
     with dist.locked(out, purpose="scan") if out is not None else contextlib.nullcontext():
-        return _scan(model, task, curvature, layers, queries, dataset, store=store, rank=rank, top_k=top_k,
-                     batch_size=batch_size, candidates=candidates, keep_scores=keep_scores, tokens=tokens, out=out,
-                     shard_size=shard_size, data_range=(lo, hi), n_train=n_train, contraction=contraction,
-                     dense_budget=dense_budget, refine=refine, refine_data=refine_data, progress=progress)
+        return _scan(
+            model,
+            task,
+            curvature,
+            layers,
+            queries,
+            dataset,
+            store=store,
+            rank=rank,
+            top_k=top_k,
+            batch_size=batch_size,
+            candidates=candidates,
+            keep_scores=keep_scores,
+            tokens=tokens,
+            out=out,
+            shard_size=shard_size,
+            data_range=(lo, hi),
+            n_train=n_train,
+            contraction=contraction,
+            dense_budget=dense_budget,
+            refine=refine,
+            refine_data=refine_data,
+            progress=progress,
+        )
 
 
-def _resident_store(model: nn.Module, task: Task, curvature: Curvature, queries: Any, store: QueryStore | None,
-                    rank: int | None, out: Path | None, query_digest: str, progress: bool,
-                    refine: dict[str, Any] | None = None, refine_data: Any = None,
-                    batch_size: int = 16) -> QueryStore:
+def _resident_store(
+    model: nn.Module,
+    task: Task,
+    curvature: Curvature,
+    queries: Any,
+    store: QueryStore | None,
+    rank: int | None,
+    out: Path | None,
+    query_digest: str,
+    progress: bool,
+    refine: dict[str, Any] | None = None,
+    refine_data: Any = None,
+    batch_size: int = 16,
+) -> QueryStore:
     """The query store: given, loaded from the run directory, or built — once, on rank 0, then broadcast."""
     if store is not None:
         return store
@@ -438,12 +526,21 @@ def _resident_store(model: nn.Module, task: Task, curvature: Curvature, queries:
             if loaded.meta.get("queries") != query_digest:
                 raise ValueError(f"'{out}' holds a scan of other queries; use another out_dir or delete it")
             if loaded.meta.get("refine") != refine:
-                raise ValueError(f"'{out}' holds a scan with other query refinement settings; use another out_dir "
-                                 "or delete it")
+                raise ValueError(
+                    f"'{out}' holds a scan with other query refinement settings; use another out_dir or delete it"
+                )
             return loaded
-        built = QueryStore.build(model, task, curvature, queries, rank=rank, refine_data=refine_data,
-                                 refine_iterations=refine["iterations"] if refine else 10,
-                                 refine_batch_size=batch_size, progress=progress)
+        built = QueryStore.build(
+            model,
+            task,
+            curvature,
+            queries,
+            rank=rank,
+            refine_data=refine_data,
+            refine_iterations=refine["iterations"] if refine else 10,
+            refine_batch_size=batch_size,
+            progress=progress,
+        )
         built.meta["queries"] = query_digest
         built.meta["refine"] = refine
         if out is not None:
@@ -454,15 +551,22 @@ def _resident_store(model: nn.Module, task: Task, curvature: Curvature, queries:
     if dist.world_size() == 1:
         assert local is not None
         return local
-    header = dist.broadcast_object(None if local is None else {"rank": local.rank, "n_queries": local.n_queries,
-                                                               "layers": list(local.layers), "meta": local.meta})
+    header = dist.broadcast_object(
+        None
+        if local is None
+        else {"rank": local.rank, "n_queries": local.n_queries, "layers": list(local.layers), "meta": local.meta}
+    )
     tensors: dict[str, torch.Tensor] = {}
     if local is not None:
         for x in local.layers.values():
             tensors.update(x.tensors())
     tensors = dist.broadcast_tensors(tensors if local is not None else None)
-    layers = {name: LayerQueries(name, tensors.get(f"{name}/dense"), tensors.get(f"{name}/left"),
-                                 tensors.get(f"{name}/right")) for name in header["layers"]}
+    layers = {
+        name: LayerQueries(
+            name, tensors.get(f"{name}/dense"), tensors.get(f"{name}/left"), tensors.get(f"{name}/right")
+        )
+        for name in header["layers"]
+    }
     return QueryStore(layers=layers, rank=header["rank"], n_queries=header["n_queries"], meta=header["meta"])
 
 
@@ -487,32 +591,72 @@ def _gather_state(state: _State, q: int, top_k: int, n_layers: int, dtype: torch
     return merged
 
 
-def _scan(model: nn.Module, task: Task, curvature: Curvature, layers: list[Layer], queries: Any, dataset: Any, *,
-          store: QueryStore | None, rank: int | None, top_k: int, batch_size: int,
-          candidates: Sequence[torch.Tensor] | torch.Tensor | None, keep_scores: bool, tokens: bool,
-          out: Path | None, shard_size: int, data_range: tuple[int, int], n_train: int | None,
-          contraction: str | None, dense_budget: int, refine: dict[str, Any] | None, refine_data: Any,
-          progress: bool) -> ScanResult:
+def _scan(
+    model: nn.Module,
+    task: Task,
+    curvature: Curvature,
+    layers: list[Layer],
+    queries: Any,
+    dataset: Any,
+    *,
+    store: QueryStore | None,
+    rank: int | None,
+    top_k: int,
+    batch_size: int,
+    candidates: Sequence[torch.Tensor] | torch.Tensor | None,
+    keep_scores: bool,
+    tokens: bool,
+    out: Path | None,
+    shard_size: int,
+    data_range: tuple[int, int],
+    n_train: int | None,
+    contraction: str | None,
+    dense_budget: int,
+    refine: dict[str, Any] | None,
+    refine_data: Any,
+    progress: bool,
+) -> ScanResult:
     n = len(dataset)
     query_digest = _digest(task, queries)
-    store = _resident_store(model, task, curvature, queries, store, rank, out, query_digest, progress,
-                            refine=refine, refine_data=refine_data, batch_size=batch_size)
+    store = _resident_store(
+        model,
+        task,
+        curvature,
+        queries,
+        store,
+        rank,
+        out,
+        query_digest,
+        progress,
+        refine=refine,
+        refine_data=refine_data,
+        batch_size=batch_size,
+    )
     q = store.n_queries
     allowed_mask, order = _candidates(candidates, q, n)
     lo, hi = data_range
     order = order[(order >= lo) & (order < hi)]
     dtype = compute_dtype(model)
     device = next(model.parameters()).device
-    t_mean = max(1.0, sum(f.tokens for f in curvature.layers.values()) / max(1, len(curvature.layers))
-                 / max(1, curvature.n_fit))
+    t_mean = max(
+        1.0, sum(f.tokens for f in curvature.layers.values()) / max(1, len(curvature.layers)) / max(1, curvature.n_fit)
+    )
     modes = _choose_modes(layers, store, t_mean, dense_budget, contraction)
     scorers = [_LayerScorer(x, store.layers[x.name], modes[x.name], dtype, device) for x in layers]
-    config = {"n": n, "queries": q, "query_digest": query_digest, "rank": store.rank, "top_k": top_k,
-              "shard_size": shard_size,
-              "keep_scores": keep_scores, "layers": [x.name for x in layers],
-              "curvature": curvature.fingerprint.get("digest"), "strategy": curvature.strategy,
-              "damping": [f.damping for f in curvature.layers.values()],
-              "candidates": hashlib.sha256(order.numpy().tobytes()).hexdigest()}
+    config = {
+        "n": n,
+        "queries": q,
+        "query_digest": query_digest,
+        "rank": store.rank,
+        "top_k": top_k,
+        "shard_size": shard_size,
+        "keep_scores": keep_scores,
+        "layers": [x.name for x in layers],
+        "curvature": curvature.fingerprint.get("digest"),
+        "strategy": curvature.strategy,
+        "damping": [f.damping for f in curvature.layers.values()],
+        "candidates": hashlib.sha256(order.numpy().tobytes()).hexdigest(),
+    }
     if refine is not None:  # only when set, so the shards of earlier unrefined scans stay valid
         config["refine"] = refine
     if data_range != (0, n):
@@ -522,7 +666,7 @@ def _scan(model: nn.Module, task: Task, curvature: Curvature, layers: list[Layer
 
     world, me = dist.world_size(), dist.rank()
     if out is not None:
-        shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
+        shards = [order[i : i + shard_size] for i in range(0, len(order), shard_size)]
         mine = [s for s in range(len(shards)) if s % world == me]
     else:  # one shard per rank: a contiguous share of the order
         shards = [order[slice(*dist.shard_range(0, len(order), rank_=r))] for r in range(world)]
@@ -552,8 +696,21 @@ def _scan(model: nn.Module, task: Task, curvature: Curvature, layers: list[Layer
                 state.merge(finished)
                 bar.update(len(shard))
                 continue
-            shard_state = _scan_shard(model, task, layers, scorers, dataset, shard, allowed_mask, q, top_k, dtype,
-                                      batch_size, keep_scores, bar)
+            shard_state = _scan_shard(
+                model,
+                task,
+                layers,
+                scorers,
+                dataset,
+                shard,
+                allowed_mask,
+                q,
+                top_k,
+                dtype,
+                batch_size,
+                keep_scores,
+                bar,
+            )
             if path is not None and progress_file is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_save_tensors(path, shard_state.tensors(), metadata={"config": config_digest})
@@ -563,16 +720,29 @@ def _scan(model: nn.Module, task: Task, curvature: Curvature, layers: list[Layer
                 shard_state.scores = []  # full scores stay on disk, in the shard files
             state.merge(shard_state)
     state = _gather_state(state, q, top_k, len(layers), dtype)
-    result = ScanResult(state, [x.name for x in layers], curvature.n_train if n_train is None else int(n_train),
-                        len(order), meta={"rank": store.rank, "modes": modes, "n_dataset": n,
-                                          "prefiltered": candidates is not None, "keep_scores": keep_scores,
-                                          "store": store.memory_report(), "query_digest": query_digest,
-                                          "top_k": top_k, "data_range": list(data_range),
-                                          "refine": store.meta.get("refine")})
+    result = ScanResult(
+        state,
+        [x.name for x in layers],
+        curvature.n_train if n_train is None else int(n_train),
+        len(order),
+        meta={
+            "rank": store.rank,
+            "modes": modes,
+            "n_dataset": n,
+            "prefiltered": candidates is not None,
+            "keep_scores": keep_scores,
+            "store": store.memory_report(),
+            "query_digest": query_digest,
+            "top_k": top_k,
+            "data_range": list(data_range),
+            "refine": store.meta.get("refine"),
+        },
+    )
     result.directory = out
     if tokens:
-        attribute_tokens(model, task, store, layers, dataset, result, batch_size=batch_size,
-                         progress=progress and dist.is_main())
+        attribute_tokens(
+            model, task, store, layers, dataset, result, batch_size=batch_size, progress=progress and dist.is_main()
+        )
     if out is not None and progress_file is not None:
         n_shards = len(shards)
 
@@ -596,8 +766,9 @@ def _digest(task: Task, data: Any, queries: bool = True) -> str:
     return h.hexdigest()
 
 
-def _candidates(candidates: Sequence[torch.Tensor] | torch.Tensor | None, q: int,
-                n: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _candidates(
+    candidates: Sequence[torch.Tensor] | torch.Tensor | None, q: int, n: int
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(allowed [Q, N] bool or None, the sorted training indices to scan)."""
     if candidates is None:
         return None, torch.arange(n)
@@ -625,25 +796,47 @@ class _Subset:
         return self.dataset[int(self.indices[i])]
 
 
-def _scan_shard(model: nn.Module, task: Task, layers: list[Layer], scorers: list[_LayerScorer], dataset: Any,
-                shard: torch.Tensor, allowed: torch.Tensor | None, q: int, top_k: int, dtype: torch.dtype,
-                batch_size: int, keep_scores: bool, bar: Bar) -> _State:
+def _scan_shard(
+    model: nn.Module,
+    task: Task,
+    layers: list[Layer],
+    scorers: list[_LayerScorer],
+    dataset: Any,
+    shard: torch.Tensor,
+    allowed: torch.Tensor | None,
+    q: int,
+    top_k: int,
+    dtype: torch.dtype,
+    batch_size: int,
+    keep_scores: bool,
+    bar: Bar,
+) -> _State:
     state = _State.empty(q, top_k, len(layers), dtype)
     subset = _Subset(dataset, shard)
     for local, batch in batches(subset, task, batch_size, desc="scan", progress=False):
         idx = shard[local]
         io = layer_io(model, task, layers, batch, idx, loss="train")
         # one device → host copy per batch (a sync per layer would stall a GPU)
-        per_layer = torch.stack([s.scores(io[s.layer.name].a.to(dtype), io[s.layer.name].g.to(dtype))
-                                 for s in scorers]).cpu()
+        per_layer = torch.stack(
+            [s.scores(io[s.layer.name].a.to(dtype), io[s.layer.name].g.to(dtype)) for s in scorers]
+        ).cpu()
         state.update(idx, per_layer, None if allowed is None else allowed[:, idx], keep_scores)
         bar.update(len(idx))
     return state
 
 
 @amp_aware
-def attribute_tokens(model: nn.Module, task: Task, store: QueryStore, layers: list[Layer], dataset: Any,
-                     result: ScanResult, *, batch_size: int = 16, progress: bool = False) -> None:
+def attribute_tokens(
+    model: nn.Module,
+    task: Task,
+    store: QueryStore,
+    layers: list[Layer],
+    dataset: Any,
+    result: ScanResult,
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> None:
     """Targeted second pass over the hits: per hit the layer × token matrix [L, T] (Σ = the hit's score).
 
     Fills ``result.token_scores`` for every hit in the top, bottom and band lists. Memory grows with the
@@ -702,15 +895,18 @@ def merge_scans(paths: Sequence[str | os.PathLike]) -> ScanResult:
     for p in paths:
         path = Path(p)
         if not (path / "result.json").is_file():
-            raise FileNotFoundError(f"no finished scan at '{path}' (expected result.json); run the scan (again) to "
-                                    "finish it")
+            raise FileNotFoundError(
+                f"no finished scan at '{path}' (expected result.json); run the scan (again) to finish it"
+            )
         parts.append(ScanResult.load(path))
     first = parts[0]
     for r in parts[1:]:
         for key in ("query_digest", "n_dataset", "rank", "top_k", "keep_scores"):
             if r.meta.get(key) != first.meta.get(key):
-                raise ValueError(f"scans '{first.directory}' and '{r.directory}' differ in {key} "
-                                 f"({first.meta.get(key)!r} vs {r.meta.get(key)!r}); they are not parts of one scan")
+                raise ValueError(
+                    f"scans '{first.directory}' and '{r.directory}' differ in {key} "
+                    f"({first.meta.get(key)!r} vs {r.meta.get(key)!r}); they are not parts of one scan"
+                )
         if r.layer_names != first.layer_names:
             raise ValueError(f"scans '{first.directory}' and '{r.directory}' track different layers")
     n = first.meta.get("n_dataset", first.n_scanned)
@@ -719,8 +915,10 @@ def merge_scans(paths: Sequence[str | os.PathLike]) -> ScanResult:
     for r in parts:
         lo, hi = r.meta.get("data_range", (0, n))
         if lo < end:
-            raise ValueError(f"scan '{r.directory}' covers sequences from {lo}, which an earlier part already "
-                             f"covers (up to {end}); each sequence must be scanned once")
+            raise ValueError(
+                f"scan '{r.directory}' covers sequences from {lo}, which an earlier part already "
+                f"covers (up to {end}); each sequence must be scanned once"
+            )
         end = hi
     q, k = first.state.top.values.shape
     state = _State.empty(q, k, len(first.layer_names), first.state.top.values.dtype)
@@ -734,10 +932,25 @@ def merge_scans(paths: Sequence[str | os.PathLike]) -> ScanResult:
         r.state.scores = chunks
         state.merge(r.state)
         tokens.update(r.token_scores)
-    hits = {(qi, int(i)) for top in (state.top, state.bottom, *state.bands.values())
-            for qi in range(q) for i in top.indices[qi].tolist() if i >= 0}
+    hits = {
+        (qi, int(i))
+        for top in (state.top, state.bottom, *state.bands.values())
+        for qi in range(q)
+        for i in top.indices[qi].tolist()
+        if i >= 0
+    }
     ranges = [r.meta.get("data_range", [0, n]) for r in parts]
-    meta = {**first.meta, "data_range": [ranges[0][0], ranges[-1][1]], "partitions": ranges,
-            "modes": [r.meta.get("modes") for r in parts]}
-    return ScanResult(state, first.layer_names, first.n_train, sum(r.n_scanned for r in parts),
-                      {key: v for key, v in tokens.items() if key in hits}, meta)
+    meta = {
+        **first.meta,
+        "data_range": [ranges[0][0], ranges[-1][1]],
+        "partitions": ranges,
+        "modes": [r.meta.get("modes") for r in parts],
+    }
+    return ScanResult(
+        state,
+        first.layer_names,
+        first.n_train,
+        sum(r.n_scanned for r in parts),
+        {key: v for key, v in tokens.items() if key in hits},
+        meta,
+    )

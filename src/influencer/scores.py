@@ -63,10 +63,18 @@ class Scores:
         path = Path(path)
         tensors = {"total": self.total, **{f"per_layer/{n}": v for n, v in self.per_layer.items()}}
         atomic_save_tensors(path / _SCORES, tensors)
-        atomic_write_json(path / _MANIFEST, {"format": "influencer.scores", "version": 1,
-                                             "n_train": self.n_train, "strategy": self.strategy,
-                                             "layers": list(self.per_layer), "shape": list(self.total.shape),
-                                             "meta": self.meta})
+        atomic_write_json(
+            path / _MANIFEST,
+            {
+                "format": "influencer.scores",
+                "version": 1,
+                "n_train": self.n_train,
+                "strategy": self.strategy,
+                "layers": list(self.per_layer),
+                "shape": list(self.total.shape),
+                "meta": self.meta,
+            },
+        )
         return path
 
     @classmethod
@@ -76,15 +84,31 @@ class Scores:
             raise FileNotFoundError(f"no scores at '{path}' (expected {_MANIFEST})")
         m = read_json(path / _MANIFEST)
         t = load_tensors(path / _SCORES)
-        return cls(total=t["total"], per_layer={n: t[f"per_layer/{n}"] for n in m["layers"]},
-                   n_train=m["n_train"], strategy=m["strategy"], meta=m.get("meta", {}))
+        return cls(
+            total=t["total"],
+            per_layer={n: t[f"per_layer/{n}"] for n in m["layers"]},
+            n_train=m["n_train"],
+            strategy=m["strategy"],
+            meta=m.get("meta", {}),
+        )
 
 
 @amp_aware
-def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train: Any, *,
-                    batch_size: int = 64, query_batch_size: int = 16, per_layer: bool = True,
-                    n_train: int | None = None, refine_data: Any = None, refine_iterations: int = 10,
-                    progress: bool = True) -> Scores:
+def pairwise_scores(
+    model: nn.Module,
+    task: Task,
+    curvature: Curvature,
+    queries: Any,
+    train: Any,
+    *,
+    batch_size: int = 64,
+    query_batch_size: int = 16,
+    per_layer: bool = True,
+    n_train: int | None = None,
+    refine_data: Any = None,
+    refine_iterations: int = 10,
+    progress: bool = True,
+) -> Scores:
     """Influence of every training example on every query: a :class:`Scores` with total [Q, N].
 
     refine_data: training data; when given, the query side is refined by ``refine_iterations`` steps of
@@ -93,8 +117,16 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
     if refine_data is None:
         precond = preconditioned_queries(model, task, curvature, queries, batch_size=query_batch_size)
     else:
-        precond = refine_queries(model, task, curvature, queries, refine_data, iterations=refine_iterations,
-                                 query_chunk=query_batch_size, progress=progress)
+        precond = refine_queries(
+            model,
+            task,
+            curvature,
+            queries,
+            refine_data,
+            iterations=refine_iterations,
+            query_chunk=query_batch_size,
+            progress=progress,
+        )
     layers = curvature.bind(model, check_weights=False)
     dataset = task.as_dataset(train)
     n = len(dataset)  # type: ignore[arg-type]
@@ -110,16 +142,21 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
                 a, g = x.a.to(dtype), x.g.to(dtype)
                 step = chunk_rows(len(a), *layer.shape)
                 for lo in range(0, len(a), step):
-                    grads = per_example_grads(a[lo:lo + step], g[lo:lo + step]).flatten(1)
-                    out[layer.name][:, idx[lo:lo + step]] = (flat[layer.name] @ grads.T).cpu()
+                    grads = per_example_grads(a[lo : lo + step], g[lo : lo + step]).flatten(1)
+                    out[layer.name][:, idx[lo : lo + step]] = (flat[layer.name] @ grads.T).cpu()
     total = torch.stack(list(out.values())).sum(0)
-    return Scores(total=total, per_layer=out if per_layer else {},
-                  n_train=curvature.n_train if n_train is None else int(n_train), strategy=curvature.strategy)
+    return Scores(
+        total=total,
+        per_layer=out if per_layer else {},
+        n_train=curvature.n_train if n_train is None else int(n_train),
+        strategy=curvature.strategy,
+    )
 
 
 @amp_aware
-def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, *, batch_size: int = 64,
-                progress: bool = True) -> torch.Tensor:
+def self_scores(
+    model: nn.Module, task: Task, curvature: Curvature, train: Any, *, batch_size: int = 64, progress: bool = True
+) -> torch.Tensor:
     """Self-influence ∇L(z)ᵀ (G + λ)⁻¹ ∇L(z) for each training example (≥ 0): [N].
 
     This is the influence of z on its own log-likelihood (measurement f = −L(z)).
@@ -136,6 +173,6 @@ def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, 
                 a, g = x.a.to(dtype), x.g.to(dtype)
                 step = chunk_rows(len(a), *layer.shape)
                 for lo in range(0, len(a), step):
-                    grads = per_example_grads(a[lo:lo + step], g[lo:lo + step])
-                    out[idx[lo:lo + step]] += curvature.quadratic_form(layer.name, grads).cpu()
+                    grads = per_example_grads(a[lo : lo + step], g[lo : lo + step])
+                    out[idx[lo : lo + step]] += curvature.quadratic_form(layer.name, grads).cpu()
     return out

@@ -50,8 +50,7 @@ def _unwrap_logits(out: Any) -> torch.Tensor:
         return logits
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise TypeError(f"cannot read model output of type {type(out).__name__}: return a tensor or an object "
-                    "with .logits")
+    raise TypeError(f"cannot read model output of type {type(out).__name__}: return a tensor or an object with .logits")
 
 
 class Task:
@@ -129,13 +128,13 @@ class _Supervised(Task):
         if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
             x, y = data
             if len(x) != len(y):
-                raise ValueError(f"{self.name}: X has {len(x)} rows but Y has {len(y)}; pass (X, Y) of equal "
-                                 "length")
+                raise ValueError(f"{self.name}: X has {len(x)} rows but Y has {len(y)}; pass (X, Y) of equal length")
             return ListDataset(_PairRows(x, y))
         if isinstance(data, Dataset):
             return data
-        raise TypeError(f"{self.name}: pass a pair of tensors (X, Y) or a torch Dataset of (x, y), "
-                        f"not {type(data).__name__}")
+        raise TypeError(
+            f"{self.name}: pass a pair of tensors (X, Y) or a torch Dataset of (x, y), not {type(data).__name__}"
+        )
 
     def collate(self, examples: list[Any]) -> Batch:
         xs, ys = zip(*examples, strict=True)
@@ -231,8 +230,10 @@ class CausalLM(Task):
             return ListDataset(_DictRows(data), lambda ex: self._example(ex, queries))
         if isinstance(data, (Dataset, list, tuple)):
             return ListDataset(data, lambda ex: self._example(ex, queries))
-        raise TypeError(f"CausalLM: unsupported data of type {type(data).__name__}; pass a token-id tensor "
-                        "[N, T], a dict with 'input_ids' (and 'prompt_length' for queries), or a Dataset of dicts")
+        raise TypeError(
+            f"CausalLM: unsupported data of type {type(data).__name__}; pass a token-id tensor "
+            "[N, T], a dict with 'input_ids' (and 'prompt_length' for queries), or a Dataset of dicts"
+        )
 
     def _example(self, ex: Any, queries: bool) -> dict[str, torch.Tensor]:
         if isinstance(ex, torch.Tensor):
@@ -246,8 +247,10 @@ class CausalLM(Task):
             mask = torch.as_tensor(mask).reshape(-1).bool()
             length = int(mask.sum())
             if not bool(mask[:length].all()):
-                raise ValueError("CausalLM: attention_mask is not right-padded (real tokens first, padding last); "
-                                 "re-tokenize with padding_side='right'")
+                raise ValueError(
+                    "CausalLM: attention_mask is not right-padded (real tokens first, padding last); "
+                    "re-tokenize with padding_side='right'"
+                )
         ids = ids[:length]
         if length == 0:
             raise ValueError("CausalLM: an example has no tokens")
@@ -258,8 +261,10 @@ class CausalLM(Task):
             elif "prompt_length" in ex:
                 target = positions >= int(ex["prompt_length"])
             else:
-                raise ValueError("CausalLM queries need 'prompt_length' (int or [Q]) or 'completion_mask' [Q, T] "
-                                 "to mark the completion tokens")
+                raise ValueError(
+                    "CausalLM queries need 'prompt_length' (int or [Q]) or 'completion_mask' [Q, T] "
+                    "to mark the completion tokens"
+                )
             target[0] = False  # the first token has no context to be predicted from
             if not bool(target.any()):
                 raise ValueError("CausalLM: a query has an empty completion (no target tokens after the prompt)")

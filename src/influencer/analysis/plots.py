@@ -65,8 +65,14 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def plot_tail(scores: Any, fit: PowerLawFit | None = None, *, title: str | None = None,
-              save: str | os.PathLike | None = None, dpi: int = 100) -> Figure:
+def plot_tail(
+    scores: Any,
+    fit: PowerLawFit | None = None,
+    *,
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+    dpi: int = 100,
+) -> Figure:
     """Rank–size plot on log-log axes: the positive scores [N] sorted largest first against their rank, the
     magnitudes of the negative scores in grey, and the fitted power law x(k) = xmin (k / n_tail)^(−1/(α−1)) over
     the tail (ranks 1 … n_tail) with xmin marked. NaN scores are dropped; beyond 3000 points the ranks are
@@ -85,8 +91,14 @@ def plot_tail(scores: Any, fit: PowerLawFit | None = None, *, title: str | None 
         ax.loglog(r, pos[r - 1], ".", ms=3, color=POSITIVE, label="I > 0")
     if fit is not None:
         ranks = np.geomspace(1, fit.n_tail, 64)
-        ax.loglog(ranks, fit.rank_curve(ranks), "-", color="k", lw=1.2,
-                  label=f"power law α = {fit.alpha:.2f} ± {fit.sigma:.2f}")
+        ax.loglog(
+            ranks,
+            fit.rank_curve(ranks),
+            "-",
+            color="k",
+            lw=1.2,
+            label=f"power law α = {fit.alpha:.2f} ± {fit.sigma:.2f}",
+        )
         ax.axhline(fit.xmin, color="k", lw=0.6, ls=":", label=f"xmin = {fit.xmin:.3g}")
     if not (pos.size or neg.size):
         ax.text(0.5, 0.5, "no nonzero scores", ha="center", va="center", transform=ax.transAxes)
@@ -107,11 +119,17 @@ def _log_ranks(n: int, points: int = 3000) -> np.ndarray:
 
 
 def _short(names: Sequence[str], limit: int = 28) -> list[str]:
-    return [n if len(n) <= limit else "…" + n[-(limit - 1):] for n in names]
+    return [n if len(n) <= limit else "…" + n[-(limit - 1) :] for n in names]
 
 
-def plot_layer_profile(hits: Sequence[Hit], layer_names: Sequence[str], *, title: str | None = None,
-                       save: str | os.PathLike | None = None, dpi: int = 100) -> Figure:
+def plot_layer_profile(
+    hits: Sequence[Hit],
+    layer_names: Sequence[str],
+    *,
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+    dpi: int = 100,
+) -> Figure:
     """Per-layer influence I_l of each hit against the layer index (forward order; Σ_l I_l = the hit's score),
     one line per hit, labelled by training index."""
     fig = _figure(5.2, 3.2)
@@ -119,8 +137,7 @@ def plot_layer_profile(hits: Sequence[Hit], layer_names: Sequence[str], *, title
     idx = np.arange(len(layer_names))
     for rank, hit in enumerate(hits):
         values = np.array([hit.layers.get(name, np.nan) for name in layer_names], dtype=np.float64)
-        ax.plot(idx, values, marker="o", ms=3, lw=1, alpha=max(0.35, 1.0 - 0.07 * rank),
-                label=f"#{hit.index}")
+        ax.plot(idx, values, marker="o", ms=3, lw=1, alpha=max(0.35, 1.0 - 0.07 * rank), label=f"#{hit.index}")
     ax.axhline(0.0, color="0.4", lw=0.6)
     ax.set_xlabel("tracked layer (forward order)")
     ax.set_ylabel("I_l (raw score)")
@@ -135,8 +152,15 @@ def plot_layer_profile(hits: Sequence[Hit], layer_names: Sequence[str], *, title
     return _finish(fig, save, dpi)
 
 
-def plot_layer_tokens(hit: Hit, layer_names: Sequence[str] | None = None, tokens: Sequence[str] | None = None, *,
-                      title: str | None = None, save: str | os.PathLike | None = None, dpi: int = 100) -> Figure:
+def plot_layer_tokens(
+    hit: Hit,
+    layer_names: Sequence[str] | None = None,
+    tokens: Sequence[str] | None = None,
+    *,
+    title: str | None = None,
+    save: str | os.PathLike | None = None,
+    dpi: int = 100,
+) -> Figure:
     """Heatmap of the hit's layer × token influence [L, T] (Σ = score), diverging colormap centred at 0; token
     strings label the columns when given (up to :data:`MAX_TOKEN_LABELS`). Raises if the hit has no token scores."""
     if hit.layer_tokens is None:

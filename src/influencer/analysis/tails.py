@@ -69,7 +69,7 @@ class Comparison:
 
     @property
     def favours(self) -> str:
-        """"power_law", the alternative's name, or "neither" (p ≥ 0.1)."""
+        """ "power_law", the alternative's name, or "neither" (p ≥ 0.1)."""
         if not (self.p < SIGNIFICANCE):
             return "neither"
         return "power_law" if self.ratio > 0 else self.alternative
@@ -198,8 +198,15 @@ class TailStats:
 # --------------------------------------------------------------------------------------------------------
 
 
-def tail_stats(scores: Any, *, xmin: float | None = None, top_fraction: float = 0.01, min_tail: int = 10,
-               max_tail: int = 2000, compare: bool = True) -> TailStats:
+def tail_stats(
+    scores: Any,
+    *,
+    xmin: float | None = None,
+    top_fraction: float = 0.01,
+    min_tail: int = 10,
+    max_tail: int = 2000,
+    compare: bool = True,
+) -> TailStats:
     """Tail statistics of a 1-D score vector (tensor or array [N]; NaN entries, e.g. pairs a prefilter skipped,
     are dropped).
 
@@ -220,14 +227,33 @@ def tail_stats(scores: Any, *, xmin: float | None = None, top_fraction: float = 
         top_share = float(np.clip(top, 0, None).sum() / pos_total)
     elif n:
         notes.append("no positive influence: shares of the positive total are undefined")
-    fit, reason = _fit_power_law(positive, n, xmin, "given" if xmin is not None else "fitted", min_tail, max_tail,
-                                 compare)
-    return TailStats("scores", n, float(x.sum()), pos_total, int(positive.size), float(x.max()) if n else None,
-                     top_fraction, k, top_share, fit, reason, tuple(notes))
+    fit, reason = _fit_power_law(
+        positive, n, xmin, "given" if xmin is not None else "fitted", min_tail, max_tail, compare
+    )
+    return TailStats(
+        "scores",
+        n,
+        float(x.sum()),
+        pos_total,
+        int(positive.size),
+        float(x.max()) if n else None,
+        top_fraction,
+        k,
+        top_share,
+        fit,
+        reason,
+        tuple(notes),
+    )
 
 
-def tail_stats_from_totals(stats: Mapping[str, float], top_scores: Sequence[float] = (), *,
-                           top_fraction: float = 0.01, min_tail: int = 10, compare: bool = True) -> TailStats:
+def tail_stats_from_totals(
+    stats: Mapping[str, float],
+    top_scores: Sequence[float] = (),
+    *,
+    top_fraction: float = 0.01,
+    min_tail: int = 10,
+    compare: bool = True,
+) -> TailStats:
     """What can be said from a scan's running totals (``ScanResult.stats(q)``: count, sum, positive_sum) and its
     kept top hits' scores (largest first), without the full scores.
 
@@ -247,17 +273,36 @@ def tail_stats_from_totals(stats: Mapping[str, float], top_scores: Sequence[floa
     elif hits.size >= k:
         top_share = float(np.clip(hits[:k], 0, None).sum() / pos_total)
     else:
-        notes.append(f"the top {top_fraction:.0%} share needs the {k} largest scores: keep full scores "
-                     f"(keep_scores=True) or scan with top_k ≥ {k}")
+        notes.append(
+            f"the top {top_fraction:.0%} share needs the {k} largest scores: keep full scores "
+            f"(keep_scores=True) or scan with top_k ≥ {k}"
+        )
     positive = hits[hits > 0]
     if positive.size >= min_tail:
         fit, reason = _fit_power_law(positive, n, float(positive.min()), "hits", min_tail, min_tail, compare)
         notes.append(f"power law fitted on the {positive.size} kept top hits only (xmin = the smallest of them)")
     else:
-        fit, reason = None, (f"full scores were not kept and only {positive.size} positive hits are known; "
-                             f"a tail fit needs at least {min_tail} (scan with keep_scores=True)")
-    return TailStats("totals", n, float(stats["sum"]), pos_total, None, float(hits[0]) if hits.size else None,
-                     top_fraction, k, top_share, fit, reason, tuple(notes))
+        fit, reason = (
+            None,
+            (
+                f"full scores were not kept and only {positive.size} positive hits are known; "
+                f"a tail fit needs at least {min_tail} (scan with keep_scores=True)"
+            ),
+        )
+    return TailStats(
+        "totals",
+        n,
+        float(stats["sum"]),
+        pos_total,
+        None,
+        float(hits[0]) if hits.size else None,
+        top_fraction,
+        k,
+        top_share,
+        fit,
+        reason,
+        tuple(notes),
+    )
 
 
 def query_tail_stats(result: ScanResult, query: int, *, scores: Any = None, **kwargs: Any) -> TailStats:
@@ -284,8 +329,9 @@ def top_count(n: int, fraction: float) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _fit_power_law(positive: np.ndarray, n: int, xmin: float | None, source: str, min_tail: int, max_tail: int,
-                   compare: bool) -> tuple[PowerLawFit | None, str | None]:
+def _fit_power_law(
+    positive: np.ndarray, n: int, xmin: float | None, source: str, min_tail: int, max_tail: int, compare: bool
+) -> tuple[PowerLawFit | None, str | None]:
     """Fit on positive scores [P] (the rest of the n scored sequences lie below); (fit, None) or (None, reason)."""
     if min_tail < 2:
         raise ValueError(f"min_tail must be ≥ 2, got {min_tail}")

@@ -101,9 +101,11 @@ class Curvature:
         """1 / (Λ + λ) for one layer, computed in float64 and cast to ``dtype``: [d_out, w]."""
         f = self.layers[name]
         if f.lam is None:
-            raise ValueError(f"layer '{name}' has eigenbases but no eigenvalues Λ yet (the first stage of an EK-FAC "
-                             "fit by partitions): run fit_partition(..., basis=this) over the data and merge_fit "
-                             "the results to finish it")
+            raise ValueError(
+                f"layer '{name}' has eigenbases but no eigenvalues Λ yet (the first stage of an EK-FAC "
+                "fit by partitions): run fit_partition(..., basis=this) over the data and merge_fit "
+                "the results to finish it"
+            )
         inv = 1.0 / (f.lam.to(torch.float64) + f.damping)
         return inv.to(device=device or f.lam.device, dtype=dtype)
 
@@ -137,8 +139,10 @@ class Curvature:
     def with_damping(self, damping: float | None = None, damping_factor: float | None = None) -> Curvature:
         """A copy with new damping (factors shared, nothing refitted)."""
         factor = self.damping_factor if damping_factor is None else damping_factor
-        layers = {n: replace(f, damping=resolve_damping(self.strategy, f.lam, damping, factor))
-                  for n, f in self.layers.items()}
+        layers = {
+            n: replace(f, damping=resolve_damping(self.strategy, f.lam, damping, factor))
+            for n, f in self.layers.items()
+        }
         return replace(self, damping=damping, damping_factor=factor, layers=layers)
 
     def to(self, device: torch.device | str) -> Curvature:
@@ -148,8 +152,10 @@ class Curvature:
         def mv1(t):
             return None if t is None else t.to(device)
 
-        layers = {n: replace(f, qa=mv(f.qa), qs=mv(f.qs), lam=mv1(f.lam), eig_a=mv1(f.eig_a), eig_s=mv1(f.eig_s))
-                  for n, f in self.layers.items()}
+        layers = {
+            n: replace(f, qa=mv(f.qa), qs=mv(f.qs), lam=mv1(f.lam), eig_a=mv1(f.eig_a), eig_s=mv1(f.eig_s))
+            for n, f in self.layers.items()
+        }
         return replace(self, layers=layers)
 
     def nbytes(self) -> int:
@@ -176,18 +182,21 @@ class Curvature:
             if layer is None:
                 raise CurvatureMismatchError(
                     f"these factors track layer '{name}', which this model does not have (or is not a linear "
-                    "layer): they were fitted on a different model; refit with fit_curvature on this model")
+                    "layer): they were fitted on a different model; refit with fit_curvature on this model"
+                )
             if (layer.d_out, layer.d_in, layer.bias) != (f.d_out, f.d_in, f.bias):
                 raise CurvatureMismatchError(
                     f"layer '{name}' is [{layer.d_out}x{layer.d_in}, bias={layer.bias}] in this model but "
-                    f"[{f.d_out}x{f.d_in}, bias={f.bias}] in the factors: they were fitted on a different model")
+                    f"[{f.d_out}x{f.d_in}, bias={f.bias}] in the factors: they were fitted on a different model"
+                )
             bound.append(layer)
         if check_weights and self.fingerprint.get("digest"):
             digest = model_fingerprint(bound)["digest"]
             if digest != self.fingerprint["digest"]:
                 raise CurvatureMismatchError(
                     "the model's weights differ from those the factors were fitted on (same layer shapes, "
-                    "different values): refit with fit_curvature on this model")
+                    "different values): refit with fit_curvature on this model"
+                )
         return bound
 
     # --- persistence ---------------------------------------------------------------------------------
@@ -206,9 +215,18 @@ class Curvature:
             "fingerprint": self.fingerprint,
             "layer_order": list(self.layers),
             "layers": {
-                n: {"kind": f.kind, "d_out": f.d_out, "d_in": f.d_in, "bias": f.bias, "tokens": f.tokens,
-                    "mean_tokens_per_sequence": f.tokens / max(1, self.n_fit), "damping": f.damping,
-                    "qa_blocks": len(f.qa or []), "qs_blocks": len(f.qs or []), "has_lam": f.lam is not None}
+                n: {
+                    "kind": f.kind,
+                    "d_out": f.d_out,
+                    "d_in": f.d_in,
+                    "bias": f.bias,
+                    "tokens": f.tokens,
+                    "mean_tokens_per_sequence": f.tokens / max(1, self.n_fit),
+                    "damping": f.damping,
+                    "qa_blocks": len(f.qa or []),
+                    "qs_blocks": len(f.qs or []),
+                    "has_lam": f.lam is not None,
+                }
                 for n, f in self.layers.items()
             },
         }
@@ -232,37 +250,56 @@ class Curvature:
         """Read factors saved by :meth:`save`; with ``model``, check they belong to it (else a clear error)."""
         path = Path(path)
         if not (path / _MANIFEST).is_file() or not (path / _FACTORS).is_file():
-            raise FileNotFoundError(f"no curvature at '{path}' (expected {_MANIFEST} and {_FACTORS}); "
-                                    "create one with fit_curvature(...).save(path)")
+            raise FileNotFoundError(
+                f"no curvature at '{path}' (expected {_MANIFEST} and {_FACTORS}); "
+                "create one with fit_curvature(...).save(path)"
+            )
         m = read_json(path / _MANIFEST)
         if m.get("format") != "influencer.curvature":
             raise ValueError(f"'{path / _MANIFEST}' is not an influencer curvature manifest")
         if m.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(f"curvature at '{path}' has format version {m['version']}; this influencer reads "
-                             f"≤ {FORMAT_VERSION}: upgrade influencer")
+            raise ValueError(
+                f"curvature at '{path}' has format version {m['version']}; this influencer reads "
+                f"≤ {FORMAT_VERSION}: upgrade influencer"
+            )
         from safetensors import safe_open
 
         with safe_open(str(path / _FACTORS), framework="pt") as fh:
             token = (fh.metadata() or {}).get("save_token")
         if token != m.get("save_token"):
-            raise ValueError(f"'{path}' holds factors and a manifest from different saves (interrupted write?); "
-                             "save again")
+            raise ValueError(
+                f"'{path}' holds factors and a manifest from different saves (interrupted write?); save again"
+            )
         tensors = load_tensors(path / _FACTORS)
         layers = {}
         for name in m.get("layer_order", list(m["layers"])):
             info = m["layers"][name]
             layers[name] = LayerFactors(
-                name=name, kind=info["kind"], d_out=info["d_out"], d_in=info["d_in"], bias=info["bias"],
-                tokens=info["tokens"], damping=float(info["damping"]),
+                name=name,
+                kind=info["kind"],
+                d_out=info["d_out"],
+                d_in=info["d_in"],
+                bias=info["bias"],
+                tokens=info["tokens"],
+                damping=float(info["damping"]),
                 qa=[tensors[f"{name}/qa.{i}"] for i in range(info["qa_blocks"])] or None,
                 qs=[tensors[f"{name}/qs.{i}"] for i in range(info["qs_blocks"])] or None,
                 lam=tensors.get(f"{name}/lam"),
                 eig_a=tensors.get(f"{name}/eig_a"),
                 eig_s=tensors.get(f"{name}/eig_s"),
             )
-        curv = cls(strategy=m["strategy"], fisher=m["fisher"], blocks=m["blocks"], n_fit=m["n_fit"],
-                   n_train=m["n_train"], damping=m["damping"], damping_factor=m["damping_factor"],
-                   layers=layers, fingerprint=m["fingerprint"], seed=m.get("seed", 0))
+        curv = cls(
+            strategy=m["strategy"],
+            fisher=m["fisher"],
+            blocks=m["blocks"],
+            n_fit=m["n_fit"],
+            n_train=m["n_train"],
+            damping=m["damping"],
+            damping_factor=m["damping_factor"],
+            layers=layers,
+            fingerprint=m["fingerprint"],
+            seed=m.get("seed", 0),
+        )
         if model is not None:
             curv.bind(model)
         return curv

@@ -74,8 +74,9 @@ DEFAULT_CHECKPOINT_EVERY = 1024
 
 def stages_of(strategy: str) -> tuple[str, ...]:
     """The fitting stages of a strategy, in order."""
-    return {"identity": (), "diagonal": ("diagonal",), "kfac": ("covariance",),
-            "ekfac": ("covariance", "eigenvalues")}[strategy]
+    return {"identity": (), "diagonal": ("diagonal",), "kfac": ("covariance",), "ekfac": ("covariance", "eigenvalues")}[
+        strategy
+    ]
 
 
 def _check_options(strategy: str, fisher: str, damping_factor: float = 0.1) -> None:
@@ -134,8 +135,9 @@ def fit_curvature(
         split_sizes(layer.d_out, blocks)
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be ≥ 1, got {checkpoint_every}")
-    fit = _Fit(model, task, tracked, dataset, batch_size, "sampled" if fisher == "true" else "train", seed,
-               progress, blocks)
+    fit = _Fit(
+        model, task, tracked, dataset, batch_size, "sampled" if fisher == "true" else "train", seed, progress, blocks
+    )
     fingerprint = model_fingerprint(tracked)
     out = Path(out_dir) if out_dir is not None else None
 
@@ -148,8 +150,18 @@ def fit_curvature(
         for f in factors.values():
             done = f.lam is not None or strategy == "identity"
             f.damping = resolve_damping(strategy, f.lam, damping, damping_factor) if done else 0.0
-        return Curvature(strategy=strategy, fisher=fisher, blocks=blocks, n_fit=n, n_train=n, damping=damping,
-                         damping_factor=damping_factor, layers=factors, fingerprint=fingerprint, seed=seed)
+        return Curvature(
+            strategy=strategy,
+            fisher=fisher,
+            blocks=blocks,
+            n_fit=n,
+            n_train=n,
+            damping=damping,
+            damping_factor=damping_factor,
+            layers=factors,
+            fingerprint=fingerprint,
+            seed=seed,
+        )
 
     factors = {x.name: LayerFactors(x.name, x.kind, x.d_out, x.d_in, x.bias) for x in tracked}
     stages = stages_of(strategy)
@@ -160,9 +172,17 @@ def fit_curvature(
                 _finish_stage(stage, sums, factors, strategy, fit.dtype, progress)
         return finish(build(factors))
 
-    config = {"strategy": strategy, "fisher": fisher, "blocks": blocks, "seed": seed, "n": n,
-              "layers": [x.name for x in tracked], "fingerprint": fingerprint["digest"], "dtype": str(fit.dtype),
-              "checkpoint_every": checkpoint_every}
+    config = {
+        "strategy": strategy,
+        "fisher": fisher,
+        "blocks": blocks,
+        "seed": seed,
+        "n": n,
+        "layers": [x.name for x in tracked],
+        "fingerprint": fingerprint["digest"],
+        "dtype": str(fit.dtype),
+        "checkpoint_every": checkpoint_every,
+    }
     with dist.locked(out, purpose="fit"):
         done = dist.run_collectively(lambda: _open_fit_dir(out, config))
         done = dist.broadcast_object(done)
@@ -185,8 +205,9 @@ def fit_curvature(
                 dist.run_collectively(functools.partial(_commit_stage, out, target, curv, config, list(done)))
                 ckpt.clear()
         if not stages:
-            dist.run_collectively(functools.partial(_commit_stage, out, "curvature", build(factors), config,
-                                                    ["curvature"]))
+            dist.run_collectively(
+                functools.partial(_commit_stage, out, "curvature", build(factors), config, ["curvature"])
+            )
         _clear_partials(out / "partial")
         return finish(build(factors))
 
@@ -258,8 +279,10 @@ class _Sums:
             f = factors[x.name]
             if f.qa is None or f.qs is None:
                 raise ValueError(f"layer '{x.name}' has no eigenbasis: fit the covariance stage first")
-            self.bases[x.name] = ([q.to(self.device, self.dtype) for q in f.qs],
-                                  [q.to(self.device, self.dtype) for q in f.qa])
+            self.bases[x.name] = (
+                [q.to(self.device, self.dtype) for q in f.qs],
+                [q.to(self.device, self.dtype) for q in f.qa],
+            )
             self._qa_ids[x.name] = id(f.qa[0])
 
     # --- ownership of shared A sums -------------------------------------------------------------------
@@ -323,8 +346,10 @@ class _Sums:
     # --- state: checkpoints, collectives, partitions -------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors on the CPU, JSON counts) — everything needed to continue later."""
-        return ({k: v.detach().cpu() for k, v in self.t.items()},
-                {"stage": self.stage, "tokens": self.tokens, "sequences": self.sequences, "a_owner": self.a_owner})
+        return (
+            {k: v.detach().cpu() for k, v in self.t.items()},
+            {"stage": self.stage, "tokens": self.tokens, "sequences": self.sequences, "a_owner": self.a_owner},
+        )
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if meta["stage"] != self.stage:
@@ -373,16 +398,33 @@ def agree_owners(maps: list[dict[str, str]], names: list[str]) -> dict[str, str]
 class _Fit:
     """What the passes of one fit share: model, data, loss, seed."""
 
-    def __init__(self, model: nn.Module, task: Task, layers: list[Layer], dataset: Any, batch_size: int,
-                 loss: str, seed: int, progress: bool, blocks: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        layers: list[Layer],
+        dataset: Any,
+        batch_size: int,
+        loss: str,
+        seed: int,
+        progress: bool,
+        blocks: int,
+    ):
         self.model, self.task, self.layers, self.dataset = model, task, layers, dataset
         self.batch_size, self.loss, self.seed, self.progress, self.blocks = batch_size, loss, seed, progress, blocks
         self.dtype = compute_dtype(model)
         self.device = model_device(model)
         self.shapes = [_Shape(x.name, x.d_out, x.width) for x in layers]
 
-    def accumulate(self, stage: str, lo: int, hi: int, *, bases: dict[str, LayerFactors] | None = None,
-                   checkpoint: _Checkpoint | None = None) -> _Sums:
+    def accumulate(
+        self,
+        stage: str,
+        lo: int,
+        hi: int,
+        *,
+        bases: dict[str, LayerFactors] | None = None,
+        checkpoint: _Checkpoint | None = None,
+    ) -> _Sums:
         """Sums of ``stage`` over sequences [lo, hi) — this rank's share of them, then all-reduced."""
         sums = _Sums(stage, self.shapes, self.blocks, self.dtype, self.device)
         if stage == "eigenvalues":
@@ -395,10 +437,19 @@ class _Fit:
         with progress_bar(title, r_hi - start, unit="seq", enabled=self.progress and dist.is_main()) as bar:
             for c_lo in range(start, r_hi, step):
                 c_hi = min(c_lo + step, r_hi)
-                for idx, batch in batches(self.dataset, self.task, self.batch_size, desc=title, progress=False,
-                                          start=c_lo, stop=c_hi):
-                    io = layer_io(self.model, self.task, self.layers, batch, idx, loss=self.loss, seed=self.seed,
-                                  stream=_STREAM[stage])
+                for idx, batch in batches(
+                    self.dataset, self.task, self.batch_size, desc=title, progress=False, start=c_lo, stop=c_hi
+                ):
+                    io = layer_io(
+                        self.model,
+                        self.task,
+                        self.layers,
+                        batch,
+                        idx,
+                        loss=self.loss,
+                        seed=self.seed,
+                        stream=_STREAM[stage],
+                    )
                     sums.add(io, len(idx))
                     bar.update(len(idx))
                 if checkpoint is not None:
@@ -410,8 +461,17 @@ class _Fit:
 class _Run:
     """The passes of a single-process fit one by one (the benchmarks time them apart)."""
 
-    def __init__(self, model: nn.Module, task: Task, layers: list[Layer], dataset: Any, batch_size: int,
-                 loss: str, seed: int, progress: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        layers: list[Layer],
+        dataset: Any,
+        batch_size: int,
+        loss: str,
+        seed: int,
+        progress: bool,
+    ):
         self.args = (model, task, layers, dataset, batch_size, loss, seed, progress)
         self.dtype = compute_dtype(model)
         self.n = len(dataset)
@@ -435,8 +495,9 @@ class _Run:
         _finish_stage("diagonal", self._accumulate("diagonal", 1, factors), factors, "diagonal", self.dtype)
 
 
-def _finish_stage(stage: str, sums: _Sums, factors: dict[str, LayerFactors], strategy: str,
-                  dtype: torch.dtype, progress: bool = False) -> None:
+def _finish_stage(
+    stage: str, sums: _Sums, factors: dict[str, LayerFactors], strategy: str, dtype: torch.dtype, progress: bool = False
+) -> None:
     """Turn a stage's (all-reduced) sums into factors: eigenbases (+ K-FAC Λ), or Λ."""
     n = sums.sequences
     if n == 0:
@@ -519,8 +580,9 @@ class _Checkpoint:
         """Load the saved sums into ``sums``; returns the first sequence still to do."""
         m = read_json(self.manifest) if self.manifest.is_file() else None
         if m is not None and (m.get("config") != self.digest or not (self.dir / m["file"]).is_file()):
-            warnings.warn(f"ignoring the checkpoint '{self.manifest}' (other settings); this stage starts over",
-                          stacklevel=3)
+            warnings.warn(
+                f"ignoring the checkpoint '{self.manifest}' (other settings); this stage starts over", stacklevel=3
+            )
             m = None
         self.file = None if m is None else m["file"]
         self._remove_strays()
@@ -623,8 +685,9 @@ def fit_partition(
         stage = "eigenvalues"
         missing = [x.name for x in tracked if x.name not in basis.layers]
         if missing:
-            raise ValueError(f"the basis has no eigenbasis for layers {missing}; pass the merged covariance stage "
-                             "of the same layers")
+            raise ValueError(
+                f"the basis has no eigenbasis for layers {missing}; pass the merged covariance stage of the same layers"
+            )
         if basis.strategy != "ekfac" or basis.blocks != blocks or basis.seed != seed or basis.fisher != fisher:
             raise ValueError("the basis was fitted with other settings (strategy/blocks/seed/fisher)")
         basis_id: str | None = basis_digest(basis.layers, [x.name for x in tracked])
@@ -633,35 +696,52 @@ def fit_partition(
     else:
         stage = "diagonal" if strategy == "diagonal" else "covariance"
         basis_id = None
-    fit = _Fit(model, task, tracked, dataset, batch_size, "sampled" if fisher == "true" else "train", seed,
-               progress, blocks)
+    fit = _Fit(
+        model, task, tracked, dataset, batch_size, "sampled" if fisher == "true" else "train", seed, progress, blocks
+    )
     module_index = {x.name: i for i, x in enumerate(candidate_layers(model))}
     samples = {x.name: weight_sample(x) for x in tracked}
-    config = {"format": "influencer.fit_partition", "version": 1, "stage": stage, "strategy": strategy,
-              "fisher": fisher, "blocks": blocks, "seed": seed, "n_dataset": n, "data_range": [lo, hi],
-              "dtype": str(fit.dtype), "basis": basis_id,
-              "layer_order": [x.name for x in tracked],
-              "layers": {x.name: {"kind": x.kind, "d_out": x.d_out, "d_in": x.d_in, "bias": x.bias,
-                                  "module_index": module_index[x.name],
-                                  "weights": hashlib.sha256(samples[x.name].numpy().tobytes()).hexdigest()}
-                         for x in tracked}}
+    config = {
+        "format": "influencer.fit_partition",
+        "version": 1,
+        "stage": stage,
+        "strategy": strategy,
+        "fisher": fisher,
+        "blocks": blocks,
+        "seed": seed,
+        "n_dataset": n,
+        "data_range": [lo, hi],
+        "dtype": str(fit.dtype),
+        "basis": basis_id,
+        "layer_order": [x.name for x in tracked],
+        "layers": {
+            x.name: {
+                "kind": x.kind,
+                "d_out": x.d_out,
+                "d_in": x.d_in,
+                "bias": x.bias,
+                "module_index": module_index[x.name],
+                "weights": hashlib.sha256(samples[x.name].numpy().tobytes()).hexdigest(),
+            }
+            for x in tracked
+        },
+    }
     out = Path(out_dir)
     with dist.locked(out, purpose="fit_partition"):
+
         def check() -> bool:
             if not (out / _PARTITION).is_file():
                 return False
             saved = read_json(out / _PARTITION)
             if {k: saved.get(k) for k in config} != config:
-                raise ValueError(f"'{out}' holds a partition with different settings; use another out_dir or "
-                                 "delete it")
+                raise ValueError(f"'{out}' holds a partition with different settings; use another out_dir or delete it")
             return True
 
         if dist.broadcast_object(dist.run_collectively(check)):
             return out
         ckpt = _Checkpoint(out / "partial", stage, config, checkpoint_every)
         with eval_mode(model):
-            sums = fit.accumulate(stage, lo, hi, bases=basis.layers if basis is not None else None,
-                                  checkpoint=ckpt)
+            sums = fit.accumulate(stage, lo, hi, bases=basis.layers if basis is not None else None, checkpoint=ckpt)
 
         def commit() -> None:
             tensors, meta = sums.state()
@@ -691,8 +771,10 @@ def _load_partition(path: Path) -> _Partition:
     from safetensors import safe_open
 
     if not (path / _PARTITION).is_file() or not (path / _SUMS).is_file():
-        raise FileNotFoundError(f"no finished partition at '{path}' (expected {_PARTITION} and {_SUMS}); run "
-                                "fit_partition for it (again) to finish it")
+        raise FileNotFoundError(
+            f"no finished partition at '{path}' (expected {_PARTITION} and {_SUMS}); run "
+            "fit_partition for it (again) to finish it"
+        )
     meta = read_json(path / _PARTITION)
     if meta.get("format") != "influencer.fit_partition":
         raise ValueError(f"'{path / _PARTITION}' is not an influencer fit partition")
@@ -728,16 +810,20 @@ def merge_fit(
     for p in parts[1:]:
         for key in ("stage", "strategy", "fisher", "blocks", "seed", "n_dataset", "dtype"):
             if p.meta[key] != first[key]:
-                raise ValueError(f"partitions '{parts[0].path}' and '{p.path}' differ in {key} "
-                                 f"({first[key]!r} vs {p.meta[key]!r}); they are not parts of one fit")
+                raise ValueError(
+                    f"partitions '{parts[0].path}' and '{p.path}' differ in {key} "
+                    f"({first[key]!r} vs {p.meta[key]!r}); they are not parts of one fit"
+                )
     stage, strategy, n = first["stage"], first["strategy"], first["n_dataset"]
     dtype = getattr(torch, first["dtype"].removeprefix("torch."))
     if basis is not None and not isinstance(basis, Curvature):
         basis = Curvature.load(basis)
     if stage == "eigenvalues":
         if basis is None:
-            raise ValueError("these are EK-FAC eigenvalue partitions: pass the basis they were fitted in "
-                             "(merge_fit(paths, basis=...))")
+            raise ValueError(
+                "these are EK-FAC eigenvalue partitions: pass the basis they were fitted in "
+                "(merge_fit(paths, basis=...))"
+            )
         for p in parts:
             if basis_digest(basis.layers, p.meta["layer_order"]) != p.meta["basis"]:
                 raise ValueError(f"partition '{p.path}' was fitted in another basis than the one given")
@@ -749,8 +835,10 @@ def merge_fit(
             holders.setdefault(name, []).append(p)
             li = p.meta["layers"][name]
             if name in info and info[name]["weights"] != li["weights"]:
-                raise ValueError(f"layer '{name}' has different weights in '{p.path}' than in another partition: "
-                                 "the partitions were fitted on different models")
+                raise ValueError(
+                    f"layer '{name}' has different weights in '{p.path}' than in another partition: "
+                    "the partitions were fitted on different models"
+                )
             info.setdefault(name, li)
     for name, hs in holders.items():
         hs.sort(key=lambda p: p.range)
@@ -758,8 +846,10 @@ def merge_fit(
         for p in hs:
             lo, hi = p.range
             if lo < end:
-                raise ValueError(f"layer '{name}': data ranges overlap ({p.path} starts at {lo}, before {end}); "
-                                 "each sequence must be fitted once")
+                raise ValueError(
+                    f"layer '{name}': data ranges overlap ({p.path} starts at {lo}, before {end}); "
+                    "each sequence must be fitted once"
+                )
             if lo > end:
                 raise ValueError(f"layer '{name}': sequences [{end}, {lo}) are in no partition")
             end = hi
@@ -782,8 +872,10 @@ def merge_fit(
                 total.t[key] += t[src].to(dtype)
             total.tokens[name] += int(p.meta["sums"]["tokens"][name])
     total.sequences = n
-    factors = {name: LayerFactors(name, info[name]["kind"], info[name]["d_out"], info[name]["d_in"],
-                                  info[name]["bias"]) for name in names}
+    factors = {
+        name: LayerFactors(name, info[name]["kind"], info[name]["d_out"], info[name]["d_in"], info[name]["bias"])
+        for name in names
+    }
     if stage == "eigenvalues":
         assert basis is not None
         for name, f in factors.items():
@@ -793,9 +885,19 @@ def merge_fit(
     complete = all(f.lam is not None for f in factors.values())
     for f in factors.values():
         f.damping = resolve_damping(strategy, f.lam, damping, damping_factor) if complete else 0.0
-    fingerprint = fingerprint_from_samples({name: [info[name]["d_out"], info[name]["d_in"], info[name]["bias"]]
-                                            for name in names},
-                                           {name: holders[name][0].tensors[f"weights/{name}"] for name in names})
-    return Curvature(strategy=strategy, fisher=first["fisher"], blocks=first["blocks"], n_fit=n,
-                     n_train=n if n_train is None else int(n_train), damping=damping, damping_factor=damping_factor,
-                     layers=factors, fingerprint=fingerprint, seed=first["seed"])
+    fingerprint = fingerprint_from_samples(
+        {name: [info[name]["d_out"], info[name]["d_in"], info[name]["bias"]] for name in names},
+        {name: holders[name][0].tensors[f"weights/{name}"] for name in names},
+    )
+    return Curvature(
+        strategy=strategy,
+        fisher=first["fisher"],
+        blocks=first["blocks"],
+        n_fit=n,
+        n_train=n if n_train is None else int(n_train),
+        damping=damping,
+        damping_factor=damping_factor,
+        layers=factors,
+        fingerprint=fingerprint,
+        seed=first["seed"],
+    )

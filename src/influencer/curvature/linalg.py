@@ -22,14 +22,15 @@ def split_sizes(d: int, blocks: int) -> list[int]:
     return [base + (i < extra) for i in range(blocks)]
 
 
-def block_covariance(x: torch.Tensor, sizes: list[int], dtype: torch.dtype,
-                     acc: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+def block_covariance(
+    x: torch.Tensor, sizes: list[int], dtype: torch.dtype, acc: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """Σ over rows of x_b x_bᵀ for each diagonal block b of x [M, d], added in place to ``acc`` if given;
     returns the blocks [d_b, d_b] in ``dtype``."""
     x = x.to(dtype)
     out, start = [], 0
     for i, size in enumerate(sizes):
-        xb = x[:, start:start + size]
+        xb = x[:, start : start + size]
         if acc is None:
             out.append(xb.T @ xb)
         else:
@@ -56,7 +57,7 @@ def rotate(x: torch.Tensor, q: list[torch.Tensor], transpose: bool = False) -> t
     parts, start = [], 0
     for qb in q:
         size = qb.shape[0]
-        parts.append(x[..., start:start + size] @ (qb.T if transpose else qb))
+        parts.append(x[..., start : start + size] @ (qb.T if transpose else qb))
         start += size
     return torch.cat(parts, -1)
 
@@ -81,9 +82,15 @@ def rotate_tokens_first(t: int, d_out: int, w: int) -> bool:
     return t * (d_out * d_out + w * w) <= d_out * w * (d_out + w)
 
 
-def accumulate_squared_grads(acc_t: torch.Tensor, a: torch.Tensor, g: torch.Tensor,
-                             qs: list[torch.Tensor] | None = None, qa: list[torch.Tensor] | None = None,
-                             rotated_a: torch.Tensor | None = None, batched: bool | None = None) -> None:
+def accumulate_squared_grads(
+    acc_t: torch.Tensor,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    qs: list[torch.Tensor] | None = None,
+    qa: list[torch.Tensor] | None = None,
+    rotated_a: torch.Tensor | None = None,
+    batched: bool | None = None,
+) -> None:
     """acc_t [w, d_out] += Σ_n (Q_Sᵀ Ĝ_n Q_A)ᵀ⊙² for a [B, T, w], g [B, T, d_out] (no basis: Σ_n Ĝ_nᵀ⊙²).
 
     Works in the transposed [w, d_out] layout with one matmul and one fused multiply-add per example: the
@@ -99,7 +106,7 @@ def accumulate_squared_grads(acc_t: torch.Tensor, a: torch.Tensor, g: torch.Tens
     if a.is_cuda if batched is None else batched:
         step = chunk_rows(a.shape[0], g.shape[2], a.shape[2])
         for lo in range(0, a.shape[0], step):
-            x = torch.bmm(a[lo:lo + step].mT, g[lo:lo + step])  # [b, w, d_out]
+            x = torch.bmm(a[lo : lo + step].mT, g[lo : lo + step])  # [b, w, d_out]
             if rotated and not tokens_first:
                 x = to_eigenbasis(x.mT, qs, qa).mT  # type: ignore[arg-type]
             acc_t.add_(x.square_().sum(0))

@@ -30,9 +30,17 @@ NEGATIVE_RGB = (21, 101, 192)
 DPI = 90
 
 
-def write_report(result: ScanResult, path: str | os.PathLike, *, queries: Sequence[Mapping[str, str]],
-                 train_tokens: Callable[[int], Sequence[str]], train_text: Callable[[int], str] | None = None,
-                 title: str = "influencer report", top: int = 10, notes: Sequence[str] = ()) -> Path:
+def write_report(
+    result: ScanResult,
+    path: str | os.PathLike,
+    *,
+    queries: Sequence[Mapping[str, str]],
+    train_tokens: Callable[[int], Sequence[str]],
+    train_text: Callable[[int], str] | None = None,
+    title: str = "influencer report",
+    top: int = 10,
+    notes: Sequence[str] = (),
+) -> Path:
     """Render ``result`` as one self-contained HTML file at ``path`` (written atomically); returns its path.
 
     queries[q]: {"prompt": str, "completion": str} for each of the scan's queries. train_tokens(i): the token
@@ -52,22 +60,34 @@ def write_report(result: ScanResult, path: str | os.PathLike, *, queries: Sequen
     out = Path(path)
     if out.is_dir():
         out = out / "report.html"
-    html = render_report(result, queries=queries, train_tokens=train_tokens, train_text=train_text, title=title,
-                         top=top, notes=notes)
+    html = render_report(
+        result, queries=queries, train_tokens=train_tokens, train_text=train_text, title=title, top=top, notes=notes
+    )
     atomic_write_text(out, html)
     return out
 
 
-def render_report(result: ScanResult, *, queries: Sequence[Mapping[str, str]],
-                  train_tokens: Callable[[int], Sequence[str]], train_text: Callable[[int], str] | None = None,
-                  title: str = "influencer report", top: int = 10, notes: Sequence[str] = ()) -> str:
+def render_report(
+    result: ScanResult,
+    *,
+    queries: Sequence[Mapping[str, str]],
+    train_tokens: Callable[[int], Sequence[str]],
+    train_text: Callable[[int], str] | None = None,
+    title: str = "influencer report",
+    top: int = 10,
+    notes: Sequence[str] = (),
+) -> str:
     """The page of :func:`write_report` as a string."""
     jinja2 = require("jinja2")
     from influencer.analysis.tails import query_tail_stats
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("influencer.report", "templates"),
-                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
-                             lstrip_blocks=True)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("influencer.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     full = result.scores  # [Q, N] or None (read once: a run directory keeps it in shards)
     meta = result.meta
     pages = []
@@ -105,14 +125,16 @@ def _png(fig: Any) -> str:
 
 def _summary(result: ScanResult, full: bool) -> list[tuple[str, str]]:
     meta = result.meta
-    rows = [("queries", str(result.n_queries)),
-            ("training sequences scanned", f"{result.n_scanned} of {meta.get('n_dataset', result.n_scanned)}"),
-            ("N for per-copy values", str(result.n_train)),
-            ("tracked layers", f"{len(result.layer_names)}"),
-            ("query rank", "exact" if meta.get("rank") is None else str(meta.get("rank"))),
-            ("query refinement", _refinement(meta.get("refine"))),
-            ("full scores kept", "yes" if full else "no (tail statistics from running totals and hits)"),
-            ("token scores", "yes" if result.token_scores else "no")]
+    rows = [
+        ("queries", str(result.n_queries)),
+        ("training sequences scanned", f"{result.n_scanned} of {meta.get('n_dataset', result.n_scanned)}"),
+        ("N for per-copy values", str(result.n_train)),
+        ("tracked layers", f"{len(result.layer_names)}"),
+        ("query rank", "exact" if meta.get("rank") is None else str(meta.get("rank"))),
+        ("query refinement", _refinement(meta.get("refine"))),
+        ("full scores kept", "yes" if full else "no (tail statistics from running totals and hits)"),
+        ("token scores", "yes" if result.token_scores else "no"),
+    ]
     return rows
 
 
@@ -130,19 +152,33 @@ def _token_spans(tokens: Sequence[str], values: Sequence[float]) -> list[dict[st
         a = abs(v) / peak if peak > 0 else 0.0
         r, g, b = POSITIVE_RGB if v > 0 else NEGATIVE_RGB
         style = f"background-color: rgba({r}, {g}, {b}, {a:.3f})" + ("; color: #fff" if a > 0.6 else "")
-        spans.append({"text": text if text != "" else "\u2205", "style": style,
-                      "title": f"I_t = {v:+.4g} (position {pos})"})
+        spans.append(
+            {"text": text if text != "" else "\u2205", "style": style, "title": f"I_t = {v:+.4g} (position {pos})"}
+        )
     return spans
 
 
-def _hit_view(result: ScanResult, hit: Hit, rank: int, train_tokens: Callable[[int], Sequence[str]],
-              train_text: Callable[[int], str] | None, heatmap: bool) -> dict[str, Any]:
+def _hit_view(
+    result: ScanResult,
+    hit: Hit,
+    rank: int,
+    train_tokens: Callable[[int], Sequence[str]],
+    train_text: Callable[[int], str] | None,
+    heatmap: bool,
+) -> dict[str, Any]:
     spurious = hit.spurious
     view: dict[str, Any] = {
-        "rank": rank, "index": hit.index, "score": _num(hit.score), "per_copy": _num(hit.per_copy, ".3e"),
+        "rank": rank,
+        "index": hit.index,
+        "score": _num(hit.score),
+        "per_copy": _num(hit.per_copy, ".3e"),
         "positive": hit.score > 0,
-        "spurious": "n/a" if spurious is None else ("yes" if spurious else "no"), "is_spurious": bool(spurious),
-        "tokens": None, "plain": None, "note": None, "heatmap": None,
+        "spurious": "n/a" if spurious is None else ("yes" if spurious else "no"),
+        "is_spurious": bool(spurious),
+        "tokens": None,
+        "plain": None,
+        "note": None,
+        "heatmap": None,
         "text": None if train_text is None else str(train_text(hit.index)),
     }
     strings = [str(t) for t in train_tokens(hit.index)]
@@ -153,8 +189,7 @@ def _hit_view(result: ScanResult, hit: Hit, rank: int, train_tokens: Callable[[i
     values = [float(v) for v in hit.tokens.tolist()]
     if len(strings) != len(values):
         m = min(len(strings), len(values))
-        view["note"] = (f"{len(strings)} token strings but {len(values)} token scores: "
-                        f"showing the first {m} of each")
+        view["note"] = f"{len(strings)} token strings but {len(values)} token scores: showing the first {m} of each"
         strings, values = strings[:m], values[:m]
     view["tokens"] = _token_spans(strings, values)
     if heatmap and hit.layer_tokens is not None:
@@ -167,18 +202,32 @@ def _hit_view(result: ScanResult, hit: Hit, rank: int, train_tokens: Callable[[i
 
 def _tail_view(stats: TailStats, n_train: int, prefiltered: bool) -> dict[str, Any]:
     plural = "" if stats.top_count == 1 else "s"
-    rows = [("scored sequences", str(stats.n)), ("Σ I", _num(stats.total)),
-            ("Σ max(I, 0) (positive total)", _num(stats.positive_total)),
-            (f"share of the positive total held by the top {stats.top_fraction:.0%} "
-             f"({stats.top_count} sequence{plural})", "–" if stats.top_share is None else f"{stats.top_share:.1%}")]
+    rows = [
+        ("scored sequences", str(stats.n)),
+        ("Σ I", _num(stats.total)),
+        ("Σ max(I, 0) (positive total)", _num(stats.positive_total)),
+        (
+            f"share of the positive total held by the top {stats.top_fraction:.0%} "
+            f"({stats.top_count} sequence{plural})",
+            "–" if stats.top_share is None else f"{stats.top_share:.1%}",
+        ),
+    ]
     fit = stats.fit
     comparisons = []
     if fit is not None:
-        rows += [("power-law exponent α (p(I) ∝ I^−α)", f"{fit.alpha:.3f} ± {fit.sigma:.3f}"),
-                 ("xmin (" + {"fitted": "KS-optimal", "given": "given", "hits": "smallest kept hit"}.get(
-                     fit.xmin_source, fit.xmin_source) + ")", _num(fit.xmin)),
-                 ("sequences in the tail", f"{fit.n_tail} ({fit.tail_rate:.2%} of scored)"),
-                 ("KS distance D", _num(fit.ks, ".3f"))]
+        rows += [
+            ("power-law exponent α (p(I) ∝ I^−α)", f"{fit.alpha:.3f} ± {fit.sigma:.3f}"),
+            (
+                "xmin ("
+                + {"fitted": "KS-optimal", "given": "given", "hits": "smallest kept hit"}.get(
+                    fit.xmin_source, fit.xmin_source
+                )
+                + ")",
+                _num(fit.xmin),
+            ),
+            ("sequences in the tail", f"{fit.n_tail} ({fit.tail_rate:.2%} of scored)"),
+            ("KS distance D", _num(fit.ks, ".3f")),
+        ]
         size = stats.scan_size()
         if size is not None:
             rows.append(("sequences to scan to meet a hit as influential as the top one (50 %)", _num(size, ".3g")))
@@ -186,35 +235,60 @@ def _tail_view(stats: TailStats, n_train: int, prefiltered: bool) -> dict[str, A
             top_n = fit.top_score(n_train)
             rows.append((f"median top score if all N = {n_train} sequences were scanned", _num(top_n)))
         half = stats.fraction_holding(0.5)
-        rows.append(("top fraction of sequences holding half the positive influence (model)",
-                     "– (needs α > 2 and a tail holding ≥ 50 %)" if half is None else f"{half:.3%}"))
+        rows.append(
+            (
+                "top fraction of sequences holding half the positive influence (model)",
+                "– (needs α > 2 and a tail holding ≥ 50 %)" if half is None else f"{half:.3%}",
+            )
+        )
         for c in fit.comparisons.values():
-            comparisons.append({"alternative": c.alternative.replace("_", " "), "ratio": _num(c.ratio, ".3g"),
-                                "p": _num(c.p, ".3g"), "favours": c.favours.replace("_", " ")})
+            comparisons.append(
+                {
+                    "alternative": c.alternative.replace("_", " "),
+                    "ratio": _num(c.ratio, ".3g"),
+                    "p": _num(c.p, ".3g"),
+                    "favours": c.favours.replace("_", " "),
+                }
+            )
     notes = list(stats.notes)
     if prefiltered and fit is not None:
         notes.append("scan-size estimates assume uniformly drawn sequences; the prefiltered candidates are not")
-    return {"rows": rows, "comparisons": comparisons, "reason": stats.reason, "notes": notes,
-            "source": stats.source}
+    return {"rows": rows, "comparisons": comparisons, "reason": stats.reason, "notes": notes, "source": stats.source}
 
 
-def _query_view(result: ScanResult, q: int, query: Mapping[str, str], stats: TailStats, row: Any,
-                train_tokens: Callable[[int], Sequence[str]], train_text: Callable[[int], str] | None,
-                top: int) -> dict[str, Any]:
+def _query_view(
+    result: ScanResult,
+    q: int,
+    query: Mapping[str, str],
+    stats: TailStats,
+    row: Any,
+    train_tokens: Callable[[int], Sequence[str]],
+    train_text: Callable[[int], str] | None,
+    top: int,
+) -> dict[str, Any]:
     from influencer.analysis.plots import plot_layer_profile, plot_tail
 
     hits = result.top(q, top)
     negative = result.top(q, top, negative=True)
     running = result.stats(q)
     view: dict[str, Any] = {
-        "index": q, "prompt": str(query["prompt"]), "completion": str(query["completion"]),
-        "totals": [("count", _num(running["count"], ".0f")), ("sum", _num(running["sum"])),
-                   ("mean", _num(running["mean"])), ("std", _num(running["std"])),
-                   ("positive sum", _num(running["positive_sum"]))],
+        "index": q,
+        "prompt": str(query["prompt"]),
+        "completion": str(query["completion"]),
+        "totals": [
+            ("count", _num(running["count"], ".0f")),
+            ("sum", _num(running["sum"])),
+            ("mean", _num(running["mean"])),
+            ("std", _num(running["std"])),
+            ("positive sum", _num(running["positive_sum"])),
+        ],
         "tail": _tail_view(stats, result.n_train, bool(result.meta.get("prefiltered"))),
         "tail_plot": None,
-        "layer_plot": _png(plot_layer_profile(hits, result.layer_names,
-                                              title=f"query {q}: layer profile of the top hits")) if hits else None,
+        "layer_plot": _png(
+            plot_layer_profile(hits, result.layer_names, title=f"query {q}: layer profile of the top hits")
+        )
+        if hits
+        else None,
         "hits": [_hit_view(result, h, r + 1, train_tokens, train_text, r < HEATMAP_HITS) for r, h in enumerate(hits)],
         "negative": [_hit_view(result, h, r + 1, train_tokens, train_text, False) for r, h in enumerate(negative)],
     }

@@ -52,10 +52,20 @@ def _overrides(items: Sequence[str]) -> dict[str, Any]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setup", default="concrete", choices=SETUPS)
-    p.add_argument("--size", default="full", choices=["full", "small"],
-                   help="full: the documented setups; small: reduced data and width (seconds to train)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="setup setting override, e.g. steps=1000 (repeatable)")
+    p.add_argument(
+        "--size",
+        default="full",
+        choices=["full", "small"],
+        help="full: the documented setups; small: reduced data and width (seconds to train)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="setup setting override, e.g. steps=1000 (repeatable)",
+    )
     p.add_argument("--measurements", type=int, default=None, help="held-out queries (default: 10; small: 5)")
     p.add_argument("--damping", type=float, default=None, help="absolute λ")
     p.add_argument("--damping-factor", type=float, default=None, help="λ = factor × mean eigenvalue of G")
@@ -71,22 +81,28 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("experiment", help="paper Fig. 6/7: methods against the PBRF, with wall times")
     _common(e)
     e.add_argument("--train-points", type=int, default=None, help="random training points (default: 500; small: 40)")
-    e.add_argument("--methods", default="ekfac,kfac,lissa,gradient-dot",
-                   help=f"comma-separated, from {', '.join(METHODS)}")
+    e.add_argument(
+        "--methods", default="ekfac,kfac,lissa,gradient-dot", help=f"comma-separated, from {', '.join(METHODS)}"
+    )
     e.add_argument("--epsilon", type=float, default=None, help="PBRF ε (default 1/N)")
     e.add_argument("--pbrf-tol", type=float, default=None, help="PBRF tolerance (default 3e-3; small: 1e-2)")
     e.add_argument("--pbrf-max-steps", type=int, default=None)
     e.add_argument("--lissa-depth", type=int, default=None, help="default 5000; small: 1000")
     e.add_argument("--lissa-batch", type=int, default=128)
     e.add_argument("--lissa-repeats", type=int, default=1)
-    e.add_argument("--pcg-iterations", type=int, default=10,
-                   help="conjugate-gradient steps of ekfac-pcg (EK-FAC-preconditioned CG on the full GNH)")
+    e.add_argument(
+        "--pcg-iterations",
+        type=int,
+        default=10,
+        help="conjugate-gradient steps of ekfac-pcg (EK-FAC-preconditioned CG on the full GNH)",
+    )
     lds = sub.add_parser("lds", help="linear datamodeling score from models retrained on random subsets")
     _common(lds)
     lds.add_argument("--subsets", type=int, default=None, help="retrained models M (default: 100; small: 16)")
     lds.add_argument("--fraction", type=float, default=0.5)
-    lds.add_argument("--strategies", default="identity,diagonal,kfac,ekfac",
-                     help=f"comma-separated, from {', '.join(STRATEGIES)}")
+    lds.add_argument(
+        "--strategies", default="identity,diagonal,kfac,ekfac", help=f"comma-separated, from {', '.join(STRATEGIES)}"
+    )
     lds.add_argument("--seeds", type=int, default=1, help="initialisations averaged per subset")
     return p
 
@@ -107,9 +123,14 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     overrides = _overrides(args.overrides)
     setup = load_setup(args.setup, size=args.size, seed=args.seed, cache=args.cache, log=log, **overrides)
     tag = f"{args.setup}{'-small' if args.size == 'small' else ''}"
-    common: dict[str, Any] = {"measurements": args.measurements, "damping": args.damping,
-                              "damping_factor": args.damping_factor, "size": args.size, "seed": args.seed,
-                              "log": log}
+    common: dict[str, Any] = {
+        "measurements": args.measurements,
+        "damping": args.damping,
+        "damping_factor": args.damping_factor,
+        "size": args.size,
+        "seed": args.seed,
+        "log": log,
+    }
     if args.command == "experiment":
         out = Path(args.out or f"benchmarks/out/validate/{tag}")
         pbrf = {k: v for k, v in (("tol", args.pbrf_tol), ("max_steps", args.pbrf_max_steps)) if v is not None}
@@ -117,15 +138,28 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         if args.lissa_depth is not None:
             lissa["depth"] = args.lissa_depth
         result: Any = run_experiment(
-            setup, train_points=args.train_points, methods=tuple(m for m in args.methods.split(",") if m),
-            epsilon=args.epsilon, pbrf=pbrf or None, lissa=lissa, pcg_iterations=args.pcg_iterations,
-            checkpoint=out / "pbrf-checkpoint", **common)
+            setup,
+            train_points=args.train_points,
+            methods=tuple(m for m in args.methods.split(",") if m),
+            epsilon=args.epsilon,
+            pbrf=pbrf or None,
+            lissa=lissa,
+            pcg_iterations=args.pcg_iterations,
+            checkpoint=out / "pbrf-checkpoint",
+            **common,
+        )
         figure = f"{args.setup}.png"
     else:
         out = Path(args.out or f"benchmarks/out/validate/lds-{tag}")
-        result = run_lds(setup, subsets=args.subsets, fraction=args.fraction,
-                         strategies=tuple(s for s in args.strategies.split(",") if s), seeds=args.seeds,
-                         checkpoint=out / "retrain-checkpoint", **common)
+        result = run_lds(
+            setup,
+            subsets=args.subsets,
+            fraction=args.fraction,
+            strategies=tuple(s for s in args.strategies.split(",") if s),
+            seeds=args.seeds,
+            checkpoint=out / "retrain-checkpoint",
+            **common,
+        )
         figure = f"lds-{args.setup}.png"
     result.save(out / "result")
     try:
@@ -139,4 +173,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     print(text, flush=True)
     print(f"setup: {result.setup_info}", flush=True)
     return 0
-

@@ -59,11 +59,23 @@ METHODS = ("ekfac", "kfac", "diagonal", "lissa", "gradient-dot", "exact", "ekfac
 #: of the solves at ε = 1/N stall short of the tolerance; at 10 × all converge in ~250 steps)
 DAMPING_FACTORS = {"concrete": 1.0, "digits": 10.0, "mnist": 10.0, "kjv-lm": 10.0}
 DEFAULT_METHODS = ("ekfac", "kfac", "lissa", "gradient-dot")
-_ALIASES = {"identity": "gradient-dot", "graddot": "gradient-dot", "grad-dot": "gradient-dot", "ek-fac": "ekfac",
-            "k-fac": "kfac", "pcg": "ekfac-pcg"}
-_LABELS = {"ekfac": "EK-FAC", "kfac": "K-FAC", "diagonal": "diagonal", "lissa": "LiSSA",
-           "gradient-dot": "gradient dot product", "exact": "exact damped GNH (CG)",
-           "ekfac-pcg": "EK-FAC + CG"}
+_ALIASES = {
+    "identity": "gradient-dot",
+    "graddot": "gradient-dot",
+    "grad-dot": "gradient-dot",
+    "ek-fac": "ekfac",
+    "k-fac": "kfac",
+    "pcg": "ekfac-pcg",
+}
+_LABELS = {
+    "ekfac": "EK-FAC",
+    "kfac": "K-FAC",
+    "diagonal": "diagonal",
+    "lissa": "LiSSA",
+    "gradient-dot": "gradient dot product",
+    "exact": "exact damped GNH (CG)",
+    "ekfac-pcg": "EK-FAC + CG",
+}
 
 
 def _canonical(methods: Sequence[str]) -> list[str]:
@@ -134,9 +146,11 @@ class ExperimentResult:
             "|---|---|---|---|---|",
         ]
         for r in self.table():
-            lines.append(f"| {r['method']} | {r['pearson']:.3f} ± {r['pearson_std']:.3f} | "
-                         f"{r['spearman']:.3f} ± {r['spearman_std']:.3f} | {r['seconds']:.2f} | "
-                         f"{r['time_vs_ekfac']:.1f} |")
+            lines.append(
+                f"| {r['method']} | {r['pearson']:.3f} ± {r['pearson_std']:.3f} | "
+                f"{r['spearman']:.3f} ± {r['spearman_std']:.3f} | {r['seconds']:.2f} | "
+                f"{r['time_vs_ekfac']:.1f} |"
+            )
         ps = self.pbrf_stats
         lines += [
             "",
@@ -165,10 +179,20 @@ class ExperimentResult:
         x = range(len(names))
         labels = [self.methods[n].label.split(" (")[0] for n in names]
         ax = fig.add_subplot(grid[0, :k])
-        ax.bar([i - 0.2 for i in x], [r["pearson"] for r in rows], 0.4, yerr=[r["pearson_std"] for r in rows],
-               label="Pearson")
-        ax.bar([i + 0.2 for i in x], [r["spearman"] for r in rows], 0.4, yerr=[r["spearman_std"] for r in rows],
-               label="Spearman")
+        ax.bar(
+            [i - 0.2 for i in x],
+            [r["pearson"] for r in rows],
+            0.4,
+            yerr=[r["pearson_std"] for r in rows],
+            label="Pearson",
+        )
+        ax.bar(
+            [i + 0.2 for i in x],
+            [r["spearman"] for r in rows],
+            0.4,
+            yerr=[r["spearman_std"] for r in rows],
+            label="Spearman",
+        )
         ax.set_xticks(list(x), labels, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("correlation with PBRF")
         ax.axhline(0, color="k", lw=0.5)
@@ -182,7 +206,7 @@ class ExperimentResult:
             ax.annotate(f"{r['seconds']:.2g}", (i, r["seconds"]), ha="center", va="bottom", fontsize=7)
         qs = range(self.pbrf.shape[0]) if measurement is None else [measurement]
         for j, name in enumerate(names):
-            ax = fig.add_subplot(grid[1, 2 * j:2 * j + 2])
+            ax = fig.add_subplot(grid[1, 2 * j : 2 * j + 2])
             for qi in qs:
                 a, b = self.pbrf[qi], self.methods[name].scores[qi]
                 if measurement is None:
@@ -196,8 +220,11 @@ class ExperimentResult:
             ax.set_title(f"{labels[j]}: r={r['pearson']:.2f}, ρ={r['spearman']:.2f}", fontsize=9)
             ax.set_xlabel("PBRF" + (" (standardised)" if measurement is None else ""), fontsize=8)
             ax.set_ylabel("estimate", fontsize=8)
-        fig.suptitle(f"{self.setup}: influence vs PBRF ({self.pbrf.shape[0]} measurements × "
-                     f"{self.pbrf.shape[1]} training points)", fontsize=10)
+        fig.suptitle(
+            f"{self.setup}: influence vs PBRF ({self.pbrf.shape[0]} measurements × "
+            f"{self.pbrf.shape[1]} training points)",
+            fontsize=10,
+        )
         return _save_figure(fig, path)
 
     # --- persistence ---------------------------------------------------------------------------------
@@ -207,11 +234,20 @@ class ExperimentResult:
         tensors = {"pbrf": self.pbrf, "query_indices": self.query_indices, "train_indices": self.train_indices}
         tensors.update({f"method/{n}": m.scores for n, m in self.methods.items()})
         atomic_save_tensors(path / "scores.safetensors", tensors)
-        meta = {"format": "influencer.validate.experiment", "version": 1, "setup": self.setup,
-                "settings": self.settings, "setup_info": self.setup_info, "pbrf_seconds": self.pbrf_seconds,
-                "pbrf_stats": self.pbrf_stats, "table": self.table(),
-                "methods": {n: {"seconds": m.seconds, "pearson": m.pearson, "spearman": m.spearman,
-                                "details": m.details} for n, m in self.methods.items()}}
+        meta = {
+            "format": "influencer.validate.experiment",
+            "version": 1,
+            "setup": self.setup,
+            "settings": self.settings,
+            "setup_info": self.setup_info,
+            "pbrf_seconds": self.pbrf_seconds,
+            "pbrf_stats": self.pbrf_stats,
+            "table": self.table(),
+            "methods": {
+                n: {"seconds": m.seconds, "pearson": m.pearson, "spearman": m.spearman, "details": m.details}
+                for n, m in self.methods.items()
+            },
+        }
         atomic_write_json(path / "result.json", _jsonable(meta))
         atomic_write_text(path / "table.md", self.to_markdown() + "\n")
         return path
@@ -221,10 +257,21 @@ class ExperimentResult:
         path = Path(path)
         meta = read_json(path / "result.json")
         t = load_tensors(path / "scores.safetensors")
-        methods = {n: MethodResult(n, t[f"method/{n}"], v["seconds"], v["pearson"], v["spearman"], v["details"])
-                   for n, v in meta["methods"].items()}
-        return cls(meta["setup"], meta["settings"], meta["setup_info"], t["query_indices"], t["train_indices"],
-                   t["pbrf"], meta["pbrf_seconds"], meta["pbrf_stats"], methods)
+        methods = {
+            n: MethodResult(n, t[f"method/{n}"], v["seconds"], v["pearson"], v["spearman"], v["details"])
+            for n, v in meta["methods"].items()
+        }
+        return cls(
+            meta["setup"],
+            meta["settings"],
+            meta["setup_info"],
+            t["query_indices"],
+            t["train_indices"],
+            t["pbrf"],
+            meta["pbrf_seconds"],
+            meta["pbrf_stats"],
+            methods,
+        )
 
 
 def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
@@ -272,8 +319,10 @@ def _indices(n: int, k: int, seed: int, what: str = "points") -> Tensor:
 
 
 def _correlations(est: Tensor, truth: Tensor) -> tuple[list[float], list[float]]:
-    return ([pearson(est[i], truth[i]) for i in range(len(truth))],
-            [spearman(est[i], truth[i]) for i in range(len(truth))])
+    return (
+        [pearson(est[i], truth[i]) for i in range(len(truth))],
+        [spearman(est[i], truth[i]) for i in range(len(truth))],
+    )
 
 
 def run_experiment(
@@ -325,8 +374,9 @@ def run_experiment(
 
     # Damping from the EK-FAC fit (which is timed as EK-FAC's own fitting cost).
     t0 = time.perf_counter()
-    ekfac = inf.fit_curvature(s.model, s.task, s.train, strategy="ekfac", layers=s.layers, batch_size=batch_size,
-                              seed=seed, progress=False)
+    ekfac = inf.fit_curvature(
+        s.model, s.task, s.train, strategy="ekfac", layers=s.layers, batch_size=batch_size, seed=seed, progress=False
+    )
     ekfac_fit = time.perf_counter() - t0
     mean_eig = mean_eigenvalue(ekfac)
     if damping_factor is None:
@@ -336,18 +386,37 @@ def run_experiment(
     pcfg = pbrf if isinstance(pbrf, PBRFConfig) else PBRFConfig(**{"tol": 1e-2 if small else 3e-3, **(pbrf or {})})
     if epsilon is not None:
         pcfg = PBRFConfig(**{**asdict(pcfg), "epsilon": float(epsilon)})
-    lcfg = {"depth": 1000 if small else 5000, "batch_size": 128, "repeats": 1, "scale": None, "scale_factor": 2.0,
-            "seed": seed, **(lissa or {})}
+    lcfg = {
+        "depth": 1000 if small else 5000,
+        "batch_size": 128,
+        "repeats": 1,
+        "scale": None,
+        "scale_factor": 2.0,
+        "seed": seed,
+        **(lissa or {}),
+    }
 
     def engine(name: str, strategy: str, fitted: inf.Curvature | None = None, fit_seconds: float = 0.0) -> None:
         t = time.perf_counter()
-        curv = fitted if fitted is not None else inf.fit_curvature(
-            s.model, s.task, s.train, strategy=strategy, layers=s.layers, batch_size=batch_size, seed=seed,
-            progress=False)
+        curv = (
+            fitted
+            if fitted is not None
+            else inf.fit_curvature(
+                s.model,
+                s.task,
+                s.train,
+                strategy=strategy,
+                layers=s.layers,
+                batch_size=batch_size,
+                seed=seed,
+                progress=False,
+            )
+        )
         if strategy != "identity":
             curv = curv.with_damping(damping=lam)
-        sc = inf.pairwise_scores(s.model, s.task, curv, queries, subset, batch_size=batch_size, per_layer=False,
-                                 progress=False).total.to(torch.float64)
+        sc = inf.pairwise_scores(
+            s.model, s.task, curv, queries, subset, batch_size=batch_size, per_layer=False, progress=False
+        ).total.to(torch.float64)
         seconds = fit_seconds + time.perf_counter() - t
         results[name] = MethodResult(name, sc, seconds, [], [], {"strategy": strategy})
 
@@ -378,40 +447,72 @@ def run_experiment(
             pre = curvature_preconditioner(fm, ekfac.with_damping(damping=lam))
             x, steps, rel = conjugate_gradients(apply, query_grads(), iterations=pcg_iterations, precondition=pre)
             sc = scores_from_ihvp(x, train_gradients(fm, s.train, t_idx))
-            results[name] = MethodResult(name, sc, ekfac_fit + time.perf_counter() - t, [], [],
-                                         {"iterations": steps, "relative_residual": rel})
+            results[name] = MethodResult(
+                name, sc, ekfac_fit + time.perf_counter() - t, [], [], {"iterations": steps, "relative_residual": rel}
+            )
 
     say(f"{s.name}: PBRF for {len(t_idx)} training points…")
     truth, pbrf_seconds, stats = _pbrf_all(fm, s, lam, pcfg, queries, q_idx, t_idx, checkpoint, say)
     for m in results.values():
         m.pearson, m.spearman = _correlations(m.scores, truth)
     settings = {
-        "measurements": measurements, "train_points": train_points, "methods": chosen, "damping": lam,
-        "damping_factor": None if damping is not None else damping_factor, "damping_note": note,
-        "mean_eigenvalue": mean_eig, "epsilon": stats["epsilon"], "pbrf": asdict(pcfg), "lissa": lcfg,
+        "measurements": measurements,
+        "train_points": train_points,
+        "methods": chosen,
+        "damping": lam,
+        "damping_factor": None if damping is not None else damping_factor,
+        "damping_note": note,
+        "mean_eigenvalue": mean_eig,
+        "epsilon": stats["epsilon"],
+        "pbrf": asdict(pcfg),
+        "lissa": lcfg,
         "pcg_iterations": pcg_iterations,
-        "size": size, "seed": seed, "params": fm.P, "covers_all": fm.covers_all,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "size": size,
+        "seed": seed,
+        "params": fm.P,
+        "covers_all": fm.covers_all,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
     }
     return ExperimentResult(s.name, settings, s.info, q_idx, t_idx, truth, pbrf_seconds, stats, results)
 
 
-def _pbrf_all(fm: FlatModel, s: Setup, lam: float, cfg: PBRFConfig, queries: Any, q_idx: Tensor, t_idx: Tensor,
-              checkpoint: str | os.PathLike | None, say: Callable[[str], None]) -> tuple[Tensor, float, dict]:
+def _pbrf_all(
+    fm: FlatModel,
+    s: Setup,
+    lam: float,
+    cfg: PBRFConfig,
+    queries: Any,
+    q_idx: Tensor,
+    t_idx: Tensor,
+    checkpoint: str | os.PathLike | None,
+    say: Callable[[str], None],
+) -> tuple[Tensor, float, dict]:
     solver = PBRF(fm, s.train, lam, cfg)
     qb = fm.batches(queries, 64, queries=True)
     q = sum(len(i) for i, _ in qb)
     truth = torch.full((q, len(t_idx)), math.nan, dtype=torch.float64)
     infos: list[dict[str, Any]] = [{} for _ in range(len(t_idx))]
-    key = {"setup": s.name, "info": _jsonable(s.info.get("recipe")), "config": _jsonable(s.info), "damping": lam,
-           "pbrf": asdict(cfg), "train": t_idx.tolist(), "queries": q}
+    key = {
+        "setup": s.name,
+        "info": _jsonable(s.info.get("recipe")),
+        "config": _jsonable(s.info),
+        "damping": lam,
+        "pbrf": asdict(cfg),
+        "train": t_idx.tolist(),
+        "queries": q,
+    }
     ck = Path(checkpoint) if checkpoint is not None else None
     seconds = 0.0
     if ck is not None and (ck / "pbrf.json").is_file() and (ck / "pbrf.safetensors").is_file():
         meta = read_json(ck / "pbrf.json")
-        if (meta.get("key") == json.loads(json.dumps(_jsonable(key)))
-                and meta.get("query_indices", q_idx.tolist()) == q_idx.tolist()):
+        if (
+            meta.get("key") == json.loads(json.dumps(_jsonable(key)))
+            and meta.get("query_indices", q_idx.tolist()) == q_idx.tolist()
+        ):
             saved = load_tensors(ck / "pbrf.safetensors")["pbrf"]
             truth.copy_(saved)
             infos = meta["infos"]
@@ -430,8 +531,10 @@ def _pbrf_all(fm: FlatModel, s: Setup, lam: float, cfg: PBRFConfig, queries: Any
         done = sum(bool(i) for i in infos)
         if ck is not None and (time.perf_counter() - last_save > 30 or done == len(t_idx)):
             atomic_save_tensors(ck / "pbrf.safetensors", {"pbrf": truth})
-            atomic_write_json(ck / "pbrf.json", _jsonable({"key": key, "query_indices": q_idx.tolist(),
-                                                                   "infos": infos, "seconds": seconds}))
+            atomic_write_json(
+                ck / "pbrf.json",
+                _jsonable({"key": key, "query_indices": q_idx.tolist(), "infos": infos, "seconds": seconds}),
+            )
             last_save = time.perf_counter()
         if done % max(1, len(t_idx) // 20) == 0 or done == len(t_idx):
             rate = (time.perf_counter() - t_start) / max(1, done - done_before)
@@ -440,7 +543,14 @@ def _pbrf_all(fm: FlatModel, s: Setup, lam: float, cfg: PBRFConfig, queries: Any
     conv = [i[k]["converged"] for i in infos for k in ("plus", "minus")]
     ratio = [i[k]["grad_ratio"] for i in infos for k in ("plus", "minus")]
     steps_sorted = sorted(steps)
-    stats = {"solves": len(steps), "converged": int(sum(conv)), "steps_median": steps_sorted[len(steps) // 2],
-             "steps_max": max(steps), "steps_mean": sum(steps) / len(steps), "grad_ratio_max": max(ratio),
-             "epsilon": solver.epsilon, "n": solver.n}
+    stats = {
+        "solves": len(steps),
+        "converged": int(sum(conv)),
+        "steps_median": steps_sorted[len(steps) // 2],
+        "steps_max": max(steps),
+        "steps_mean": sum(steps) / len(steps),
+        "grad_ratio_max": max(ratio),
+        "epsilon": solver.epsilon,
+        "n": solver.n,
+    }
     return truth, seconds, stats

@@ -35,8 +35,13 @@ from influencer.validate.stats import mean_std, spearman
 __all__ = ["LDSResult", "run_lds"]
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac", "exact")
-_LABELS = {"identity": "gradient dot product (identity)", "diagonal": "diagonal", "kfac": "K-FAC",
-           "ekfac": "EK-FAC", "exact": "exact damped GNH (CG)"}
+_LABELS = {
+    "identity": "gradient dot product (identity)",
+    "diagonal": "diagonal",
+    "kfac": "K-FAC",
+    "ekfac": "EK-FAC",
+    "exact": "exact damped GNH (CG)",
+}
 
 
 @dataclass
@@ -62,8 +67,14 @@ class LDSResult:
         rows = []
         for name, values in self.lds.items():
             m, sd = mean_std(values)
-            rows.append({"strategy": _LABELS.get(name, name), "lds": m, "lds_std": sd,
-                         "seconds": self.seconds.get(name, math.nan)})
+            rows.append(
+                {
+                    "strategy": _LABELS.get(name, name),
+                    "lds": m,
+                    "lds_std": sd,
+                    "seconds": self.seconds.get(name, math.nan),
+                }
+            )
         return rows
 
     def to_markdown(self) -> str:
@@ -99,8 +110,7 @@ class LDSResult:
         for j, name in enumerate(names):
             ax = axes[0][j + 1]
             ax.scatter(self.predicted(name)[:, measurement].numpy(), self.actual[:, measurement].numpy(), s=6)
-            ax.set_title(f"{_LABELS.get(name, name).split(' (')[0]}: ρ={self.lds[name][measurement]:.2f}",
-                         fontsize=9)
+            ax.set_title(f"{_LABELS.get(name, name).split(' (')[0]}: ρ={self.lds[name][measurement]:.2f}", fontsize=9)
             ax.set_xlabel("Σ scores over subset", fontsize=8)
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
             ax.set_ylabel("f after retraining", fontsize=8)
@@ -109,12 +119,29 @@ class LDSResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        tensors = {"query_indices": self.query_indices, "masks": self.masks.to(torch.uint8), "actual": self.actual,
-                   "base": self.base, **{f"scores/{k}": v for k, v in self.scores.items()}}
+        tensors = {
+            "query_indices": self.query_indices,
+            "masks": self.masks.to(torch.uint8),
+            "actual": self.actual,
+            "base": self.base,
+            **{f"scores/{k}": v for k, v in self.scores.items()},
+        }
         atomic_save_tensors(path / "lds.safetensors", tensors)
-        atomic_write_json(path / "lds.json", _jsonable({
-            "format": "influencer.validate.lds", "version": 1, "setup": self.setup, "settings": self.settings,
-            "setup_info": self.setup_info, "lds": self.lds, "seconds": self.seconds, "table": self.table()}))
+        atomic_write_json(
+            path / "lds.json",
+            _jsonable(
+                {
+                    "format": "influencer.validate.lds",
+                    "version": 1,
+                    "setup": self.setup,
+                    "settings": self.settings,
+                    "setup_info": self.setup_info,
+                    "lds": self.lds,
+                    "seconds": self.seconds,
+                    "table": self.table(),
+                }
+            ),
+        )
         atomic_write_text(path / "table.md", self.to_markdown() + "\n")
         return path
 
@@ -124,8 +151,18 @@ class LDSResult:
         meta = read_json(path / "lds.json")
         t = load_tensors(path / "lds.safetensors")
         scores = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("scores/")}
-        return cls(meta["setup"], meta["settings"], meta["setup_info"], t["query_indices"], t["masks"].bool(),
-                   t["actual"], t["base"], scores, meta["lds"], meta.get("seconds", {}))
+        return cls(
+            meta["setup"],
+            meta["settings"],
+            meta["setup_info"],
+            t["query_indices"],
+            t["masks"].bool(),
+            t["actual"],
+            t["base"],
+            scores,
+            meta["lds"],
+            meta.get("seconds", {}),
+        )
 
 
 def run_lds(
@@ -173,8 +210,9 @@ def run_lds(
     fm = FlatModel(s.model, s.task, s.layers)
     qb = fm.batches(queries, 64, queries=True)
 
-    ekfac = inf.fit_curvature(s.model, s.task, s.train, strategy="ekfac", layers=s.layers, batch_size=batch_size,
-                              seed=seed, progress=False)
+    ekfac = inf.fit_curvature(
+        s.model, s.task, s.train, strategy="ekfac", layers=s.layers, batch_size=batch_size, seed=seed, progress=False
+    )
     if damping is not None:
         lam: float | dict[str, float] = float(damping)
         note = f"λ = {damping:.4g} (absolute, all layers)"
@@ -193,13 +231,25 @@ def run_lds(
             x, _ = exact_ihvp(fm, s.train, v, lam, method="cg", rtol=1e-8, max_iter=20000)
             sc = scores_from_ihvp(x, train_gradients(fm, s.train, torch.arange(n)))
         else:
-            curv = ekfac if name == "ekfac" else inf.fit_curvature(
-                s.model, s.task, s.train, strategy=name, layers=s.layers, batch_size=batch_size, seed=seed,
-                progress=False)
+            curv = (
+                ekfac
+                if name == "ekfac"
+                else inf.fit_curvature(
+                    s.model,
+                    s.task,
+                    s.train,
+                    strategy=name,
+                    layers=s.layers,
+                    batch_size=batch_size,
+                    seed=seed,
+                    progress=False,
+                )
+            )
             if name != "identity" and not isinstance(lam, dict):
                 curv = curv.with_damping(damping=lam)
-            sc = inf.pairwise_scores(s.model, s.task, curv, queries, s.train, batch_size=batch_size,
-                                     per_layer=False, progress=False).total
+            sc = inf.pairwise_scores(
+                s.model, s.task, curv, queries, s.train, batch_size=batch_size, per_layer=False, progress=False
+            ).total
         scores[name] = sc.to(torch.float64)
         seconds[name] = time.perf_counter() - t
 
@@ -211,21 +261,39 @@ def run_lds(
     with torch.no_grad():
         base = torch.cat([fm.measurement(fm.theta0, b) for _, b in qb])
     actual, retrain_seconds = _retrain_all(s, masks, queries, seeds, checkpoint, say)
-    lds = {name: [spearman(masks.to(torch.float64) @ sc[qi], actual[:, qi]) for qi in range(len(q_idx))]
-           for name, sc in scores.items()}
-    settings = {"subsets": subsets, "fraction": fraction, "measurements": measurements,
-                "strategies": list(strategies), "damping": lam, "damping_note": note, "seeds": seeds,
-                "size": size, "seed": seed, "retrain_seconds": retrain_seconds,
-                "threads": torch.get_num_threads(), "torch": torch.__version__}
+    lds = {
+        name: [spearman(masks.to(torch.float64) @ sc[qi], actual[:, qi]) for qi in range(len(q_idx))]
+        for name, sc in scores.items()
+    }
+    settings = {
+        "subsets": subsets,
+        "fraction": fraction,
+        "measurements": measurements,
+        "strategies": list(strategies),
+        "damping": lam,
+        "damping_note": note,
+        "seeds": seeds,
+        "size": size,
+        "seed": seed,
+        "retrain_seconds": retrain_seconds,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     return LDSResult(s.name, settings, s.info, q_idx, masks, actual, base, scores, lds, seconds)
 
 
-def _retrain_all(s: Setup, masks: Tensor, queries: Any, seeds: int, checkpoint: str | os.PathLike | None,
-                 say: Callable[[str], None]) -> tuple[Tensor, float]:
+def _retrain_all(
+    s: Setup, masks: Tensor, queries: Any, seeds: int, checkpoint: str | os.PathLike | None, say: Callable[[str], None]
+) -> tuple[Tensor, float]:
     m = len(masks)
     done = [False] * m
-    key = {"setup": s.name, "info": _jsonable(s.info), "masks": masks.to(torch.int64).sum(1).tolist(),
-           "seeds": seeds, "first": masks[0].nonzero().reshape(-1)[:20].tolist()}
+    key = {
+        "setup": s.name,
+        "info": _jsonable(s.info),
+        "masks": masks.to(torch.int64).sum(1).tolist(),
+        "seeds": seeds,
+        "first": masks[0].nonzero().reshape(-1)[:20].tolist(),
+    }
     ck = Path(checkpoint) if checkpoint is not None else None
     seconds = 0.0
     rows: list[Tensor | None] = [None] * m
@@ -249,15 +317,17 @@ def _retrain_all(s: Setup, masks: Tensor, queries: Any, seeds: int, checkpoint: 
             model = s.retrain(idx, seed=s.seed + k * 1000)
             fm_q = FlatModel(model, s.task, s.layers)
             with torch.no_grad():
-                values.append(torch.cat([fm_q.measurement(fm_q.theta0, b)
-                                         for _, b in fm_q.batches(queries, 64, queries=True)]))
+                values.append(
+                    torch.cat([fm_q.measurement(fm_q.theta0, b) for _, b in fm_q.batches(queries, 64, queries=True)])
+                )
         rows[j] = torch.stack(values).mean(0)
         done[j] = True
         seconds += time.perf_counter() - t
         if ck is not None and (time.perf_counter() - last > 30 or all(done)):
             width = next(r for r in rows if r is not None).numel()
-            stacked = torch.stack([r if r is not None else torch.full((width,), math.nan, dtype=torch.float64)
-                                   for r in rows])
+            stacked = torch.stack(
+                [r if r is not None else torch.full((width,), math.nan, dtype=torch.float64) for r in rows]
+            )
             atomic_save_tensors(ck / "lds_retrain.safetensors", {"actual": stacked})
             atomic_write_json(ck / "lds_retrain.json", _jsonable({"key": key, "done": done, "seconds": seconds}))
             last = time.perf_counter()

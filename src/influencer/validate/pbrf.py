@@ -69,8 +69,7 @@ class PBRFSolve:
 class PBRF:
     """PBRF solver for one model state θ_s, one damping λ and one training set (reused across z_m)."""
 
-    def __init__(self, fm: FlatModel, train: Any, damping: float | dict[str, float],
-                 config: PBRFConfig | None = None):
+    def __init__(self, fm: FlatModel, train: Any, damping: float | dict[str, float], config: PBRFConfig | None = None):
         self.fm, self.train, self.damping = fm, train, damping
         self.d = fm.damping_vector(damping)
         if not bool((self.d > 0).all()):
@@ -128,8 +127,8 @@ class PBRF:
             steps += 1
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            mhat = m / (1 - b1 ** steps)
-            vhat = v / (1 - b2 ** steps)
+            mhat = m / (1 - b1**steps)
+            vhat = v / (1 - b2**steps)
             u = u - lr * mhat / (vhat.sqrt() + adam_eps)
             g = self._objective_grad(u, sign, example)
             gn = float(g.norm())
@@ -159,5 +158,9 @@ class PBRF:
             f_p = torch.cat([self.fm.measurement(self.fm.theta0 + eps * u_plus, b) for _, b in queries_batches])
             f_m = torch.cat([self.fm.measurement(self.fm.theta0 + eps * u_minus, b) for _, b in queries_batches])
         infl = (f_p - f_m) / (2 * eps)
-        return infl, {"index": int(index), "plus": asdict(info_p), "minus": asdict(info_m),
-                      "seconds": time.perf_counter() - t0}
+        return infl, {
+            "index": int(index),
+            "plus": asdict(info_p),
+            "minus": asdict(info_m),
+            "seconds": time.perf_counter() - t0,
+        }

@@ -30,9 +30,19 @@ from influencer.refine import conjugate_gradients, curvature_preconditioner, dam
 
 Damping = float | dict[str, float]
 
-__all__ = ["LiSSADivergenceError", "LiSSAInfo", "conjugate_gradients", "curvature_preconditioner",
-           "damped_gnh_operator", "dense_gnh", "exact_ihvp", "lissa_ihvp", "scores_from_ihvp", "top_eigenvalue",
-           "train_gradients"]
+__all__ = [
+    "LiSSADivergenceError",
+    "LiSSAInfo",
+    "conjugate_gradients",
+    "curvature_preconditioner",
+    "damped_gnh_operator",
+    "dense_gnh",
+    "exact_ihvp",
+    "lissa_ihvp",
+    "scores_from_ihvp",
+    "top_eigenvalue",
+    "train_gradients",
+]
 
 
 class LiSSADivergenceError(RuntimeError):
@@ -46,15 +56,24 @@ def dense_gnh(fm: FlatModel, train: Any, *, batch_size: int = 512, chunk: int = 
     refs = fm.reference_outputs(batches)
     n = sum(len(i) for i, _ in batches)
     eye = torch.eye(fm.P, dtype=fm.dtype, device=fm.device)
-    cols = [fm.gnh_vp(eye[lo:lo + chunk], batches, refs, n) for lo in range(0, fm.P, chunk)]
+    cols = [fm.gnh_vp(eye[lo : lo + chunk], batches, refs, n) for lo in range(0, fm.P, chunk)]
     g = torch.cat(cols)
     return 0.5 * (g + g.T)
 
 
 @torch.no_grad()  # torch.func transforms still differentiate; no graph over untracked params
-def exact_ihvp(fm: FlatModel, train: Any, v: Tensor, damping: Damping, *, method: str = "auto",
-               rtol: float = 1e-8, max_iter: int = 5000, batch_size: int = 2048,
-               dense_max_params: int = 4096) -> tuple[Tensor, dict[str, Any]]:
+def exact_ihvp(
+    fm: FlatModel,
+    train: Any,
+    v: Tensor,
+    damping: Damping,
+    *,
+    method: str = "auto",
+    rtol: float = 1e-8,
+    max_iter: int = 5000,
+    batch_size: int = 2048,
+    dense_max_params: int = 4096,
+) -> tuple[Tensor, dict[str, Any]]:
     """(G + λI)⁻¹ v for v [K, P] with the exact full GNH over ``train``; returns (x [K, P], info).
 
     damping: one λ > 0, or a dict layer name → λ_l (then λI is the diagonal of per-parameter values).
@@ -75,8 +94,13 @@ def exact_ihvp(fm: FlatModel, train: Any, v: Tensor, damping: Damping, *, method
         raise ValueError(f"method must be 'auto', 'dense' or 'cg', got {method!r}")
     apply = damped_gnh_operator(fm, train, d, batch_size=batch_size)
     x, it, rel = conjugate_gradients(apply, v, rtol=rtol, max_iter=max_iter)
-    return x, {"method": "cg", "P": fm.P, "iterations": it, "relative_residual": rel,
-               "converged": rel <= rtol * (1 + 1e-9)}
+    return x, {
+        "method": "cg",
+        "P": fm.P,
+        "iterations": it,
+        "relative_residual": rel,
+        "converged": rel <= rtol * (1 + 1e-9),
+    }
 
 
 @torch.no_grad()  # torch.func transforms still differentiate; no graph over untracked params
@@ -108,9 +132,19 @@ class LiSSAInfo:
 
 
 @torch.no_grad()  # torch.func transforms still differentiate; no graph over untracked params
-def lissa_ihvp(fm: FlatModel, train: Any, v: Tensor, damping: Damping, *, depth: int = 1000, repeats: int = 1,
-               batch_size: int = 128, scale: float | None = None, scale_factor: float = 2.0,
-               seed: int = 0) -> tuple[Tensor, LiSSAInfo]:
+def lissa_ihvp(
+    fm: FlatModel,
+    train: Any,
+    v: Tensor,
+    damping: Damping,
+    *,
+    depth: int = 1000,
+    repeats: int = 1,
+    batch_size: int = 128,
+    scale: float | None = None,
+    scale_factor: float = 2.0,
+    seed: int = 0,
+) -> tuple[Tensor, LiSSAInfo]:
     """LiSSA estimate of (G + λI)⁻¹ v for v [K, P] (all K vectors share the mini-batches).
 
     scale: s; None → ``scale_factor`` × (λ_max(G) + λ) with λ_max from power iteration on the full data.
@@ -126,8 +160,13 @@ def lissa_ihvp(fm: FlatModel, train: Any, v: Tensor, damping: Damping, *, depth:
     n = fm.task.batch_size_of(everything)
     h_s = fm.reference_outputs([(torch.arange(n), everything)])[0]
     bs = min(batch_size, n)
-    info = LiSSAInfo(depth=depth, repeats=repeats, batch_size=bs, scale=float(scale),
-                     damping=damping if isinstance(damping, dict) else float(damping))
+    info = LiSSAInfo(
+        depth=depth,
+        repeats=repeats,
+        batch_size=bs,
+        scale=float(scale),
+        damping=damping if isinstance(damping, dict) else float(damping),
+    )
     bound = scale * v.norm(dim=1) / float(d.min())  # [K]
     total = torch.zeros_like(v)
     for rep in range(repeats):
@@ -142,7 +181,8 @@ def lissa_ihvp(fm: FlatModel, train: Any, v: Tensor, damping: Damping, *, depth:
             if not math.isfinite(ratio) or ratio > 1.0:
                 raise LiSSADivergenceError(
                     f"LiSSA diverged at step {step + 1} of repeat {rep + 1} (‖x‖ reached {ratio:.3g}× the bound "
-                    f"s‖v‖/λ): the scale s = {scale:.4g} is below λ_max(G_B) + λ; raise scale (or scale_factor)")
+                    f"s‖v‖/λ): the scale s = {scale:.4g} is below λ_max(G_B) + λ; raise scale (or scale_factor)"
+                )
         total += x / scale
     return total / repeats, info
 

