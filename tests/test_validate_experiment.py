@@ -36,6 +36,17 @@ def test_setup_is_cached_as_safetensors(cache) -> None:
     assert first.n_train == 200 and first.info["test_rmse"] < 0.6
 
 
+def test_setup_recipe_overrides_train_a_separate_model(cache) -> None:
+    full = load_setup("concrete", size="small", cache=cache)
+    mini = load_setup("concrete", size="small", cache=cache, batch_size=32, steps=300)
+    assert mini.info["recipe"]["batch_size"] == 32 and mini.info["recipe"]["steps"] == 300
+    assert mini.info["train"]["cached"] != full.info["train"]["cached"]  # its own checkpoint, not the full-batch one
+    assert not torch.equal(full.model[0].weight, mini.model[0].weight)
+    assert mini.info["test_rmse"] < 0.6
+    with pytest.raises(TypeError, match="unknown settings"):
+        load_setup("concrete", size="small", cache=cache, batchsize=32)
+
+
 def test_concrete_experiment_end_to_end(cache, tmp_path) -> None:
     result = run_experiment(
         "concrete",

@@ -65,7 +65,7 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Full-batch Adam with cosine learning-rate decay for ``steps`` steps from a model built with ``seed``.
+    """Adam (full batch by default) with cosine learning-rate decay for ``steps`` steps from a seeded model.
 
     The loss is the mean over examples of L(z) (mean over target tokens for causal LMs); ``weight_decay`` is
     decoupled (AdamW) and 0 by default.
@@ -204,7 +204,8 @@ def _cached_model(
             model.load_state_dict(load_tensors(folder / "model.safetensors"))
             return model.eval(), {**manifest["train"], "cached": str(folder)}
     if log:
-        log(f"training the {name} model ({recipe.steps} full-batch Adam steps)…")
+        kind = f"mini-batch ({recipe.batch_size})" if recipe.batch_size else "full-batch"
+        log(f"training the {name} model ({recipe.steps} {kind} Adam steps)…")
     stats = train_model(model, task, train, recipe, seed=seed)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -360,7 +361,8 @@ def load_setup(
 
     size: "full" (the documented sizes) or "small" (reduced data, width and steps: seconds to train; for CI).
     cache: a directory, None (the default cache dir) or False (never read or write checkpoints).
-    overrides: recipe/size settings (``hidden``, ``steps``, ``lr``, ``n_train``, …) for experiments.
+    overrides: recipe/size settings (``hidden``, ``steps``, ``lr``, ``weight_decay``, ``batch_size`` (MLP setups),
+        ``n_train``, …) for experiments; each combination is its own cached checkpoint.
     """
     folder = None if cache is False else cache_dir(None if cache is True else cache)  # type: ignore[arg-type]
     if name == "concrete":
@@ -392,6 +394,7 @@ def _setup_supervised(
     steps = overrides.pop("steps", spec["small_steps"] if small else spec["steps"])
     lr = overrides.pop("lr", spec["lr"])
     weight_decay = overrides.pop("weight_decay", 0.0)
+    batch_size = overrides.pop("batch_size", 0)
     n_train_cap = overrides.pop("n_train", spec["small_n"] if small else None)
     if overrides:
         raise TypeError(f"unknown settings for the {name} setup: {sorted(overrides)}")
@@ -410,7 +413,7 @@ def _setup_supervised(
         task = Classification()
         sizes = [x.shape[1], hidden, hidden, 10]
         act = nn.ReLU
-    recipe = Recipe(steps=steps, lr=lr, weight_decay=weight_decay)
+    recipe = Recipe(steps=steps, lr=lr, weight_decay=weight_decay, batch_size=batch_size)
 
     def build(s: int) -> nn.Module:
         return _mlp(sizes, act, s)
