@@ -729,7 +729,7 @@ def test_library_progress_goes_through_installed_bars(ws):
 def test_rich_bars_render_and_time_stages():
     from rich.console import Console
 
-    from influencer.cli import _Bars, _Timer
+    from influencer.cli._progress import _Bars, _Timer
     from influencer.progress import progress_bar, use_bars
 
     timer = _Timer()

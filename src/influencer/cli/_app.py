@@ -1,0 +1,44 @@
+"""The typer application and its global options."""
+
+from __future__ import annotations
+
+import typer
+
+from influencer.cli._runtime import _SETTINGS, _Group
+
+app = typer.Typer(
+    name="influencer",
+    cls=_Group,
+    help="Influence functions for language models (EK-FAC, Grosse et al. 2023): which training sequences "
+    "would most increase log p(completion | prompt)?",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from influencer import __version__
+
+        typer.echo(f"influencer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback when something fails."),
+    progress: bool | None = typer.Option(
+        None,
+        "--progress/--no-progress",
+        show_default=False,
+        help="Progress bars with ETA on stderr (default: when stderr is a terminal).",
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Fit curvature on training data, scan it for the sequences that most influence your queries, report."""
+    _SETTINGS.debug = debug
+    _SETTINGS.progress = progress

@@ -1,0 +1,186 @@
+"""Pieces the commands share: device, model and data loading, option checks."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from influencer.cli._options import LAYER_PRESETS
+from influencer.cli._progress import _Timer
+from influencer.cli._runtime import _SETTINGS, UserError, _one_line, _under_torchrun
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from influencer.data import Documents, Sequences
+
+
+def _quiet_transformers() -> None:
+    """No transformers warnings or weight-loading bars on the command line (unless --debug)."""
+    if _SETTINGS.debug:
+        return
+    with contextlib.suppress(Exception):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"--device {name}: no CUDA device is available here (torch {torch.__version__}); use --device cpu"
+        )
+    if device.type == "cuda" and _under_torchrun():  # one GPU per process: cuda:LOCAL_RANK
+        from influencer.distributed import local_rank
+
+        if device.index is not None:
+            raise UserError(
+                f"--device {name}: under torchrun every process uses cuda:LOCAL_RANK; pass --device "
+                "cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)"
+            )
+        if local_rank() >= torch.cuda.device_count():
+            raise UserError(
+                f"torchrun started local rank {local_rank()} but this node has "
+                f"{torch.cuda.device_count()} GPUs; use --nproc-per-node {torch.cuda.device_count()}"
+            )
+        return f"cuda:{local_rank()}"
+    return name
+
+
+def _model_source(name: str) -> str:
+    """A built-in model name as given; a folder as an absolute path (so the run works from anywhere)."""
+    from influencer.models import builtin_models
+
+    if name.lower() in builtin_models():
+        return name.lower()
+    return str(Path(name).expanduser().resolve())
+
+
+def _data_source(name: str) -> str:
+    return "kjv" if name.lower() == "kjv" else str(Path(name).expanduser().resolve())
+
+
+def _load_model(timer: _Timer, source: str, dtype: str, device: str) -> tuple[Any, Any]:
+    from influencer.models import load_model
+
+    with timer.stage("load model", source if len(source) < 40 else "…" + source[-39:]):
+        _quiet_transformers()
+        return load_model(source, dtype=dtype, device=device)
+
+
+def _data_settings(
+    data: str,
+    fmt: str,
+    field_name: str,
+    text_unit: str,
+    split: str,
+    sequences: int | None,
+    max_length: int | None,
+    packing: bool,
+    truncation: str,
+    bos: bool,
+    eos: bool | None,
+) -> dict[str, Any]:
+    from influencer.data import detect_format
+
+    source = _data_source(data)
+    resolved = detect_format(source) if fmt == "auto" else fmt
+    if packing and max_length is None:
+        raise UserError("--packing needs --max-length (the length of every packed sequence)")
+    settings: dict[str, Any] = {"source": source, "format": resolved}
+    if resolved in ("jsonl", "hf"):
+        settings["field"] = field_name
+    if resolved == "text":
+        settings["text_unit"] = text_unit
+    if resolved == "hf":
+        settings["split"] = split
+    settings.update(
+        {
+            "sequences": sequences,
+            "max_length": max_length,
+            "packing": packing,
+            "truncation": truncation,
+            "bos": bos,
+            "eos": eos,
+        }
+    )
+    return settings
+
+
+def _read_training(timer: _Timer, tokenizer: Any, settings: dict[str, Any]) -> tuple[Documents, Sequences]:
+    from influencer.data import load_documents, make_sequences
+
+    with timer.stage("read data") as row:
+        docs = load_documents(
+            settings["source"],
+            format=settings["format"],
+            field=settings.get("field", "text"),
+            unit=settings.get("text_unit", "line"),
+            split=settings.get("split", "train"),
+            max_documents=None if settings["packing"] else settings["sequences"],
+        )
+        row.detail = f"{len(docs)} documents"
+    with timer.stage("tokenize") as row:
+        seqs = make_sequences(
+            tokenizer,
+            docs,
+            max_length=settings["max_length"],
+            packing=settings["packing"],
+            truncation=settings["truncation"],
+            add_bos=settings["bos"],
+            add_eos=settings["eos"],
+            max_sequences=settings["sequences"],
+        )
+        row.detail = f"{len(seqs)} sequences"
+    return docs, seqs
+
+
+def _data_record(settings: dict[str, Any], docs: Documents, seqs: Sequences) -> dict[str, Any]:
+    from influencer.data import sequence_digest
+
+    return {
+        **settings,
+        "documents_skipped": docs.skipped,
+        "report": seqs.report.as_dict(),
+        "digest": sequence_digest(seqs.batch),
+    }
+
+
+def _check_positions(model: Any, batch: dict[str, Any], what: str, option: str) -> None:
+    """Refuse sequences longer than the model's context instead of failing inside its forward pass."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = int(batch["attention_mask"].sum(1).max()) if len(batch["attention_mask"]) else 0
+    if isinstance(limit, int) and longest > limit:
+        raise UserError(
+            f"the {what} have up to {longest} tokens but the model reads at most {limit} positions; lower {option}"
+        )
+
+
+def _say(console: Console, text: str) -> None:
+    console.print(text, highlight=False, markup=False)
+
+
+def _check_layers(model: Any, spec: str) -> list[Any]:
+    from influencer.layers import select_layers
+
+    try:
+        return select_layers(model, spec)
+    except ValueError as exc:
+        if re.fullmatch(r"[A-Za-z_]+", spec) and spec not in LAYER_PRESETS:
+            raise UserError(
+                f"unknown layer preset {spec!r}: use one of {', '.join(LAYER_PRESETS)}, or a regex "
+                r"of module names such as 'layers\.[0-3]\.mlp\.'"
+            ) from None
+        raise UserError(f"--layers: {_one_line(str(exc))}") from None
