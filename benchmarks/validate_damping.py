@@ -32,8 +32,8 @@ import torch
 
 import influencer as inf
 from influencer.validate import FlatModel, load_setup, mean_eigenvalue, pearson, train_gradients
-from influencer.validate.cli import _overrides
 from influencer.validate.experiment import _indices
+from influencer.validate.outputs import parse_overrides
 from influencer.validate.reference import exact_ihvp, scores_from_ihvp
 
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    s = load_setup(args.setup, size=args.size, seed=args.seed, **_overrides(args.overrides))
+    s = load_setup(args.setup, size=args.size, seed=args.seed, **parse_overrides(args.overrides))
     q_idx = _indices(s.n_test, args.measurements, args.seed + 11)
     t_idx = _indices(s.n_train, args.train_points, args.seed + 12)
     queries, subset = s.queries(q_idx), s.train_subset(t_idx)

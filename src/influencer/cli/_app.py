@@ -6,15 +6,20 @@ import typer
 
 from influencer.cli._runtime import _SETTINGS, _Group
 
+# every typer group of the command line: one-line errors, help without arguments, -h, plain tracebacks
+GROUP_SETTINGS = {
+    "cls": _Group,
+    "no_args_is_help": True,
+    "add_completion": False,
+    "pretty_exceptions_enable": False,
+    "context_settings": {"help_option_names": ["-h", "--help"]},
+}
+
 app = typer.Typer(
     name="influencer",
-    cls=_Group,
     help="Influence functions for language models (EK-FAC, Grosse et al. 2023): which training sequences "
     "would most increase log p(completion | prompt)?",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    **GROUP_SETTINGS,  # type: ignore[arg-type]
 )
 
 

@@ -53,6 +53,13 @@ class DtypeChoice(_Choice):
     float64 = "float64"
 
 
+class SetupChoice(_Choice):
+    concrete = "concrete"
+    digits = "digits"
+    mnist = "mnist"
+    kjv_lm = "kjv-lm"
+
+
 class SizeChoice(_Choice):
     small = "small"
     full = "full"

@@ -11,7 +11,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from typer.core import TyperGroup
@@ -36,21 +36,28 @@ class _Group(TyperGroup):
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except typer.Abort:
-            typer.echo("error: interrupted", err=True)
-            sys.exit(130)
-        except Exception as exc:
-            if not _is_click_error(exc):
-                raise
-            message = _one_line(exc.format_message())
-            if message and _main_rank():  # (empty: the help was shown; other torchrun ranks stay quiet)
-                ctx = getattr(exc, "ctx", None)
-                hint = f" (see: {ctx.command_path} --help)" if ctx is not None and exc.exit_code == 2 else ""
-                typer.echo(f"error: {message}{hint}", err=True)
-            sys.exit(exc.exit_code)
-        sys.exit(code if isinstance(code, int) else 0)
+        parent = super()
+        _standalone(lambda **kw: parent.main(*args, **kw, **kwargs))
+
+
+def _standalone(main: Callable[..., Any]) -> NoReturn:
+    """Run a click ``main`` (called with ``standalone_mode=False``) and exit: usage errors print one line
+    ``error: ...`` (status 2), an interrupt ``error: interrupted`` (130)."""
+    try:
+        code = main(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if not _is_click_error(exc):
+            raise
+        message = _one_line(exc.format_message())
+        if message and _main_rank():  # (empty: the help was shown; other torchrun ranks stay quiet)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see: {ctx.command_path} --help)" if ctx is not None and exc.exit_code == 2 else ""
+            typer.echo(f"error: {message}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _is_click_error(exc: BaseException) -> bool:

@@ -1,5 +1,5 @@
-"""``python -m influencer.validate {experiment,lds} …`` (see :mod:`influencer.validate.cli`)."""
+"""``python -m influencer.validate experiment|lds …``: the same commands as ``influencer validate``."""
 
-from influencer.validate.cli import main
+from influencer.cli.validate import main
 
 raise SystemExit(main())

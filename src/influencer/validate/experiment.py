@@ -51,7 +51,15 @@ from influencer.validate.reference import (
 from influencer.validate.setups import Setup, load_setup
 from influencer.validate.stats import mean_std, pearson, spearman
 
-__all__ = ["DAMPING_FACTORS", "METHODS", "ExperimentResult", "MethodResult", "mean_eigenvalue", "run_experiment"]
+__all__ = [
+    "DAMPING_FACTORS",
+    "METHODS",
+    "ExperimentResult",
+    "MethodResult",
+    "canonical_methods",
+    "mean_eigenvalue",
+    "run_experiment",
+]
 
 METHODS = ("ekfac", "kfac", "diagonal", "lissa", "gradient-dot", "exact", "ekfac-pcg")
 #: λ = factor × mean eigenvalue of G when none is given: the PBRF's Adam solves need ~κ(G + λ)^½ steps, so the
@@ -78,7 +86,9 @@ _LABELS = {
 }
 
 
-def _canonical(methods: Sequence[str]) -> list[str]:
+def canonical_methods(methods: Sequence[str]) -> list[str]:
+    """Method names as :data:`METHODS` spells them (aliases such as ``identity`` or ``pcg`` resolved, duplicates
+    dropped); ValueError names an unknown one."""
     out = []
     for m in methods:
         key = _ALIASES.get(m.lower(), m.lower())
@@ -360,7 +370,7 @@ def run_experiment(
     checkpoint: a directory where PBRF results are stored as they are computed and resumed from.
     """
     say = log or (lambda _msg: None)
-    chosen = _canonical(methods)
+    chosen = canonical_methods(methods)
     small = size == "small"
     measurements = measurements if measurements is not None else (5 if small else 10)
     train_points = train_points if train_points is not None else (40 if small else 500)
