@@ -709,10 +709,26 @@ def test_validate_passes_every_option_and_records_the_command(monkeypatch, tmp_p
     assert seen["setup_kwargs"]["size"] == "small" == seen["size"]  # type: ignore[index]
     assert seen["methods"] == ["ekfac", "ekfac-pcg"] and seen["train_points"] == 50 and seen["measurements"] is None
     assert seen["lissa"] == {"batch_size": 128, "repeats": 1, "depth": 7} and seen["pcg_iterations"] == 3
+    assert seen["progress"] is True  # (long LiSSA / CG loops report through the log, see below)
     assert seen["checkpoint"] == out / "pbrf-checkpoint" and (out / "result").is_dir()
     table = (out / "table.md").read_text()
     assert f"validate experiment {shlex.join(args)}`" in table.splitlines()[0]  # (options in declaration order)
     assert table.rstrip().endswith("| method | pearson |")
+
+
+def test_validate_progress_lines_are_rate_limited_and_estimate_time_left(monkeypatch):
+    from influencer.cli import validate as command
+
+    clock = iter([0.0, 10.0, 70.0, 80.0, 140.0])
+    monkeypatch.setattr(command.time, "perf_counter", lambda: next(clock))
+    lines: list[str] = []
+    bar = command._LoggedBars(lines.append, every=60.0)("LiSSA", 100, "step")  # starts at t = 0
+    for _ in range(4):  # t = 10, 70, 80, 140
+        bar.update(10)
+    assert lines == [
+        "  LiSSA 20/100 steps (3.50 s/step, ~5 min left)",
+        "  LiSSA 40/100 steps (3.50 s/step, ~4 min left)",
+    ]
 
 
 def test_validate_refuses_bad_requests_before_any_work(monkeypatch):

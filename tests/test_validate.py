@@ -224,6 +224,35 @@ def test_lissa_converges_and_guards_divergence() -> None:
         lissa_ihvp(fm, (x, y), v, lam, depth=200, batch_size=40, scale=0.01)
 
 
+def test_lissa_and_exact_cg_report_progress_through_the_installed_bars() -> None:
+    from influencer.progress import use_bars
+
+    model, task = zoo.mlp(d_in=4, hidden=6, d_out=3), inf.Classification()
+    x, y = zoo.classification_data(40, d_in=4)
+    fm = FlatModel(model, task, "all")
+    v = _measurement_grads(fm, (x[:2] + 0.1, y[:2]))
+    bars: list[list] = []
+
+    class Bar:
+        def __init__(self, desc: str, total: int | None, unit: str) -> None:
+            self.record = [desc, total, unit, 0]
+            bars.append(self.record)
+
+        def update(self, n: int = 1) -> None:
+            self.record[3] += n
+
+        def close(self) -> None:
+            pass
+
+    with use_bars(Bar):
+        quiet, _ = lissa_ihvp(fm, (x, y), v, 0.05, depth=30, repeats=2, batch_size=10)
+        assert bars == []  # progress is off by default
+        shown, _ = lissa_ihvp(fm, (x, y), v, 0.05, depth=30, repeats=2, batch_size=10, progress=True)
+        _, info = exact_ihvp(fm, (x, y), v, 0.05, method="cg", progress=True)
+    assert torch.equal(quiet, shown)  # the bar does not change the numbers
+    assert bars == [["LiSSA", 60, "step", 60], ["exact damped GNH (CG)", None, "step", info["iterations"]]]
+
+
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
 def test_curvature_preconditioner_gives_the_engines_scores(strategy: str) -> None:
     """−(M⁻¹∇f)ᵀ∇L on FlatModel's flat layout equals the engine's own pairwise scores (an independent path)."""

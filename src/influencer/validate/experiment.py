@@ -353,6 +353,7 @@ def run_experiment(
     checkpoint: str | os.PathLike | None = None,
     batch_size: int = 256,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> ExperimentResult:
     """Compare influence methods with the PBRF on ``setup`` (paper Fig. 6/7).
 
@@ -368,6 +369,7 @@ def run_experiment(
     size: "full" or "small" (a quick check: the small setup, 5 × 40 points, PBRF tolerance 1e-2 and LiSSA depth
         1000 unless given); cache: checkpoint cache dir (False: none);
     checkpoint: a directory where PBRF results are stored as they are computed and resumed from.
+    log: receives one line per stage and PBRF progress; progress: bars over the LiSSA and exact-CG steps.
     """
     say = log or (lambda _msg: None)
     chosen = canonical_methods(methods)
@@ -443,12 +445,14 @@ def run_experiment(
             engine(name, "identity")
         elif name == "lissa":
             t = time.perf_counter()
-            x, info = lissa_ihvp(fm, s.train, query_grads(), lam, **lcfg)
+            x, info = lissa_ihvp(fm, s.train, query_grads(), lam, progress=progress, **lcfg)
             sc = scores_from_ihvp(x, train_gradients(fm, s.train, t_idx))
             results[name] = MethodResult(name, sc, time.perf_counter() - t, [], [], asdict(info))
         elif name == "exact":
             t = time.perf_counter()
-            x, info = exact_ihvp(fm, s.train, query_grads(), lam, method="cg", rtol=1e-8, max_iter=20000)
+            x, info = exact_ihvp(
+                fm, s.train, query_grads(), lam, method="cg", rtol=1e-8, max_iter=20000, progress=progress
+            )
             sc = scores_from_ihvp(x, train_gradients(fm, s.train, t_idx))
             results[name] = MethodResult(name, sc, time.perf_counter() - t, [], [], info)
         elif name == "ekfac-pcg":

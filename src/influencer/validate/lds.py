@@ -181,6 +181,7 @@ def run_lds(
     checkpoint: str | os.PathLike | None = None,
     batch_size: int = 256,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> LDSResult:
     """Linear datamodeling score of each strategy on ``setup``.
 
@@ -191,6 +192,7 @@ def run_lds(
     both None (default) → the engine's default per-layer damping 0.1 × mean(Λ_l) (what users get).
     strategies: any of identity, diagonal, kfac, ekfac, exact (exact needs one global λ; with per-layer damping it
     uses EK-FAC's per-layer values). checkpoint: directory to store/resume retrained measurements.
+    log: one line per stage and retraining progress; progress: a bar over the exact strategy's CG steps.
     """
     say = log or (lambda _msg: None)
     small = size == "small"
@@ -228,7 +230,7 @@ def run_lds(
         t = time.perf_counter()
         if name == "exact":
             v = torch.cat([fm.per_example_grads(b, "measurement") for _, b in qb])
-            x, _ = exact_ihvp(fm, s.train, v, lam, method="cg", rtol=1e-8, max_iter=20000)
+            x, _ = exact_ihvp(fm, s.train, v, lam, method="cg", rtol=1e-8, max_iter=20000, progress=progress)
             sc = scores_from_ihvp(x, train_gradients(fm, s.train, torch.arange(n)))
         else:
             curv = (

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from influencer.functional import FlatModel, take
+from influencer.progress import progress_bar
 from influencer.refine import conjugate_gradients, curvature_preconditioner, damped_gnh_operator
 
 Damping = float | dict[str, float]
@@ -73,13 +74,14 @@ def exact_ihvp(
     max_iter: int = 5000,
     batch_size: int = 2048,
     dense_max_params: int = 4096,
+    progress: bool = False,
 ) -> tuple[Tensor, dict[str, Any]]:
     """(G + λI)⁻¹ v for v [K, P] with the exact full GNH over ``train``; returns (x [K, P], info).
 
     damping: one λ > 0, or a dict layer name → λ_l (then λI is the diagonal of per-parameter values).
 
     method: "dense" (build G, Cholesky), "cg" (block conjugate gradients, each column to ‖r‖ ≤ rtol‖v‖) or
-    "auto" (dense when P ≤ ``dense_max_params``).
+    "auto" (dense when P ≤ ``dense_max_params``). progress: a bar over the CG steps (total unknown).
     """
     d = _damping(fm, damping)
     if method == "auto":
@@ -93,7 +95,13 @@ def exact_ihvp(
     if method != "cg":
         raise ValueError(f"method must be 'auto', 'dense' or 'cg', got {method!r}")
     apply = damped_gnh_operator(fm, train, d, batch_size=batch_size)
-    x, it, rel = conjugate_gradients(apply, v, rtol=rtol, max_iter=max_iter)
+    with progress_bar("exact damped GNH (CG)", None, unit="step", enabled=progress) as bar:
+
+        def counted(p: Tensor) -> Tensor:
+            bar.update()
+            return apply(p)
+
+        x, it, rel = conjugate_gradients(counted, v, rtol=rtol, max_iter=max_iter)
     return x, {
         "method": "cg",
         "P": fm.P,
@@ -144,12 +152,14 @@ def lissa_ihvp(
     scale: float | None = None,
     scale_factor: float = 2.0,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[Tensor, LiSSAInfo]:
     """LiSSA estimate of (G + λI)⁻¹ v for v [K, P] (all K vectors share the mini-batches).
 
     scale: s; None → ``scale_factor`` × (λ_max(G) + λ) with λ_max from power iteration on the full data.
     Each step draws ``batch_size`` training examples (without replacement within a step) from a generator seeded
     by (seed, repeat). Raises :class:`LiSSADivergenceError` if an iterate leaves ‖x‖ ≤ s‖v‖/λ or is not finite.
+    progress: a bar over the depth × repeats steps (:func:`influencer.progress.progress_bar`).
     """
     d = _damping(fm, damping)
     if depth < 1 or repeats < 1:
@@ -169,21 +179,23 @@ def lissa_ihvp(
     )
     bound = scale * v.norm(dim=1) / float(d.min())  # [K]
     total = torch.zeros_like(v)
-    for rep in range(repeats):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + rep)
-        x = v.clone()
-        for step in range(depth):
-            idx = torch.randperm(n, generator=g)[:bs]
-            gx = fm.gnh_vp(x, [(idx, take(everything, idx))], [take(h_s, idx)], bs)
-            x = v + x - (gx + d * x) / scale
-            ratio = (x.norm(dim=1) / bound).max().item()
-            info.max_norm_ratio = max(info.max_norm_ratio, ratio)
-            if not math.isfinite(ratio) or ratio > 1.0:
-                raise LiSSADivergenceError(
-                    f"LiSSA diverged at step {step + 1} of repeat {rep + 1} (‖x‖ reached {ratio:.3g}× the bound "
-                    f"s‖v‖/λ): the scale s = {scale:.4g} is below λ_max(G_B) + λ; raise scale (or scale_factor)"
-                )
-        total += x / scale
+    with progress_bar("LiSSA", depth * repeats, unit="step", enabled=progress) as bar:
+        for rep in range(repeats):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + rep)
+            x = v.clone()
+            for step in range(depth):
+                idx = torch.randperm(n, generator=g)[:bs]
+                gx = fm.gnh_vp(x, [(idx, take(everything, idx))], [take(h_s, idx)], bs)
+                x = v + x - (gx + d * x) / scale
+                ratio = (x.norm(dim=1) / bound).max().item()
+                info.max_norm_ratio = max(info.max_norm_ratio, ratio)
+                if not math.isfinite(ratio) or ratio > 1.0:
+                    raise LiSSADivergenceError(
+                        f"LiSSA diverged at step {step + 1} of repeat {rep + 1} (‖x‖ reached {ratio:.3g}× the bound "
+                        f"s‖v‖/λ): the scale s = {scale:.4g} is below λ_max(G_B) + λ; raise scale (or scale_factor)"
+                    )
+                bar.update()
+            total += x / scale
     return total / repeats, info
 
 
