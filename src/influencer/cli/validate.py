@@ -15,7 +15,6 @@ from __future__ import annotations
 import shlex
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +36,6 @@ validate_app = typer.Typer(
 )
 app.add_typer(validate_app, name="validate")
 
-
-@dataclass
-class _Invocation:
-    """How :func:`main` was called: the default output root (``runs/validate`` for the commands)."""
-
-    out_root: str = "runs/validate"
-
-
-_INVOCATION = _Invocation()
 
 # Options both commands take (typer reads these declarations; they are never mutated).
 _SETUP = typer.Option(SetupChoice.concrete, "--setup", help="Validation setup (docs/VALIDATION.md §1).")
@@ -118,7 +108,7 @@ def experiment(
 
     chosen = canonical_methods([m.strip() for m in methods.split(",") if m.strip()])
     say, setup_obj, tag = _prepare(setup, size, overrides, seed, threads, cache)
-    folder = out or Path(_INVOCATION.out_root) / tag
+    folder = out or _out_root(ctx) / tag
     pbrf = {k: v for k, v in (("tol", pbrf_tol), ("max_steps", pbrf_max_steps)) if v is not None}
     lissa: dict[str, Any] = {"batch_size": lissa_batch, "repeats": lissa_repeats}
     if lissa_depth is not None:
@@ -179,7 +169,7 @@ def lds(
         if name not in STRATEGIES:
             raise UserError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     say, setup_obj, tag = _prepare(setup, size, overrides, seed, threads, cache)
-    folder = out or Path(_INVOCATION.out_root) / f"lds-{tag}"
+    folder = out or _out_root(ctx) / f"lds-{tag}"
     with use_bars(_LoggedBars(say)):
         result = run_lds(
             setup_obj,
@@ -261,6 +251,11 @@ class _LoggedBar:
         pass
 
 
+def _out_root(ctx: typer.Context) -> Path:
+    """Where results go without ``--out``: ``runs/validate``, or what :func:`main`'s caller set."""
+    return Path((ctx.obj or {}).get("out_root", "runs/validate"))
+
+
 def _command_line(ctx: typer.Context) -> str:
     """The command as run: its path, then every option given on the command line (in declaration order)."""
     words: list[str] = []
@@ -284,12 +279,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None, command:
     """
     group = typer.main.get_command(validate_app)
     target = group if command is None else group.commands[command]  # type: ignore[attr-defined]
-    if command is not None:
-        _INVOCATION.out_root = "benchmarks/out/validate"
+    obj = None if command is None else {"out_root": "benchmarks/out/validate"}  # (read by _out_root)
     try:
-        _standalone(lambda **kw: target.main(args=argv, prog_name=prog or "python -m influencer.validate", **kw))
+        _standalone(
+            lambda **kw: target.main(args=argv, prog_name=prog or "python -m influencer.validate", obj=obj, **kw)
+        )
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        _INVOCATION.out_root = "runs/validate"
     return 0
