@@ -30,23 +30,16 @@ matmuls, rotations, contractions, …).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import influencer
 from influencer import capture as capture_mod
@@ -54,207 +47,47 @@ from influencer.curvature import fit as fit_mod
 from influencer.curvature import linalg as linalg_mod
 from influencer.curvature.core import LayerFactors
 from influencer.layers import select_layers
-from influencer.passes import batches, eval_mode
+from influencer.passes import eval_mode
 from influencer.tasks import CausalLM
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from benchkit import (
+    RESULTS,
+    SEED,
+    Setup,
+    Span,
+    Timers,
+    environment,
+    floor_pass,
+    full_rows,
+    load_average,
+    patched,
+    random_rows,
+    smollm2_packed,
+    subset,
+    tiny_llama,
+    with_rest,
+    write_results,
+)
+
 TARGET_COV, TARGET_LAM = 1.2, 1.5
-SEED = 0
 
 
 # ------------------------------------------------------------------------------------------------ setups
 
 
-@dataclass
-class Setup:
-    name: str
-    description: str
-    model: nn.Module
-    task: CausalLM
-    train: dict[str, torch.Tensor]
-    batch_size: int
-    layers: str = "mlp"
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.train["input_ids"].shape)  # type: ignore[return-value]
-
-
 def tiny_setup(args: argparse.Namespace) -> Setup:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(SEED)
-    config = LlamaConfig(
-        vocab_size=args.tiny_vocab,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=max(128, args.tiny_len),
-    )
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    gen = torch.Generator().manual_seed(SEED)
-    ids = torch.randint(0, args.tiny_vocab, (args.tiny_seqs, args.tiny_len), generator=gen)
-    n_params = sum(p.numel() for p in model.parameters())
-    desc = (
-        f"tiny Llama (random init, fp32): 4 layers, hidden 256, MLP 1024, 4 heads, vocab {args.tiny_vocab}, "
-        f"untied head, {n_params / 1e6:.1f} M params, attention={model.config._attn_implementation}; "
-        f"uniform random token ids"
-    )
-    return Setup("tiny", desc, model, CausalLM(pad_token_id=0), _train(ids), args.tiny_batch)
+    model, desc = tiny_llama(args.tiny_vocab, args.tiny_len)
+    ids = random_rows(args.tiny_vocab, args.tiny_seqs, args.tiny_len)
+    return Setup("tiny", desc, model, CausalLM(pad_token_id=0), full_rows(ids), args.tiny_batch)
 
 
 def smollm2_setup(args: argparse.Namespace) -> Setup:
-    from influencer.data import kjv_verses
-    from influencer.models import load_model
-
-    model, tokenizer = load_model("smollm2-135m", dtype=torch.float32)
-    need = args.smol_seqs * args.smol_len
-    ids: list[int] = []
-    start = 0
-    while len(ids) < need:  # pack whole verses end to end (separated by a space) into fixed-length rows
-        verses = kjv_verses(max(64, 2 * (need - len(ids)) // 30), start=start)
-        if not verses:
-            raise RuntimeError(f"the KJV has fewer than {need} tokens")
-        start += len(verses)
-        ids.extend(tokenizer(" ".join(v["text"] for v in verses), add_special_tokens=False)["input_ids"])
-        ids.extend(tokenizer(" ", add_special_tokens=False)["input_ids"])
-    rows = torch.tensor(ids[:need], dtype=torch.long).view(args.smol_seqs, args.smol_len)
-    n_params = sum(p.numel() for p in model.parameters())
-    desc = (
-        f"SmolLM2-135M (built-in, de-quantized fp32): 30 layers, hidden 576, MLP 1536, vocab "
-        f"{model.config.vocab_size}, tied head, {n_params / 1e6:.1f} M params, "
-        f"attention={model.config._attn_implementation}; KJV verses packed into {args.smol_len}-token rows"
-    )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Setup("smollm2", desc, model, CausalLM(pad_token_id=pad), _train(rows), args.smol_batch)
-
-
-def _train(ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _subset(train: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    return {k: v[:n] for k, v in train.items()}
-
-
-# ------------------------------------------------------------------------------------------------ timers
-
-
-class Span(NamedTuple):
-    """Elapsed wall-clock and process CPU seconds. With one thread, CPU time leaves out the time this process
-    waited for a core while other processes ran, so it is the steadier measure on a shared machine."""
-
-    wall: float
-    cpu: float
-
-    @staticmethod
-    def start() -> Span:
-        return Span(time.perf_counter(), time.process_time())
-
-    def since(self) -> Span:
-        return Span(time.perf_counter() - self.wall, time.process_time() - self.cpu)
-
-    def __sub__(self, other: object) -> Span:
-        assert isinstance(other, Span)
-        return Span(self.wall - other.wall, self.cpu - other.cpu)
-
-
-class Timers:
-    """Accumulated wall and CPU time per named stage (CPU ops run synchronously on one thread)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.cpu: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-
-    def span(self, name: str) -> Span:
-        return Span(self.seconds[name], self.cpu[name])
-
-    @contextlib.contextmanager
-    def time(self, name: str) -> Iterator[None]:
-        t0 = Span.start()
-        try:
-            yield
-        finally:
-            dt = t0.since()
-            self.seconds[name] += dt.wall
-            self.cpu[name] += dt.cpu
-            self.calls[name] += 1
-
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            with self.time(name):
-                return fn(*args, **kwargs)
-
-        return timed
-
-    def wrap_iter(self, name: str, fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-        """Time the ``next()`` calls of the generator ``fn`` returns (the data pipeline)."""
-
-        def timed(*args: Any, **kwargs: Any) -> Iterator[Any]:
-            it = iter(fn(*args, **kwargs))
-            while True:
-                with self.time(name):
-                    try:
-                        item = next(it)
-                    except StopIteration:
-                        return
-                yield item
-
-        return timed
-
-
-@contextlib.contextmanager
-def patched(patches: list[tuple[Any, str, Callable[[Any], Any]]]) -> Iterator[list[str]]:
-    """Replace ``obj.attr`` by ``make(original)`` for each patch that exists; restore on exit."""
-    saved, missing = [], []
-    try:
-        for obj, attr, make in patches:
-            if not hasattr(obj, attr):
-                missing.append(f"{getattr(obj, '__name__', type(obj).__name__)}.{attr}")
-                continue
-            saved.append((obj, attr, obj.__dict__.get(attr, _ABSENT), getattr(obj, attr)))
-            setattr(obj, attr, make(getattr(obj, attr)))
-        yield missing
-    finally:
-        for obj, attr, own, _ in reversed(saved):
-            if own is _ABSENT:
-                delattr(obj, attr)
-            else:
-                setattr(obj, attr, own)
-
-
-_ABSENT = object()
+    _, _, setup = smollm2_packed(args.smol_seqs, args.smol_len)
+    setup.batch_size = args.smol_batch
+    return setup
 
 
 # ------------------------------------------------------------------------------------------------ passes
-
-
-def floor_pass(setup: Setup, train: dict[str, torch.Tensor], timers: Timers | None = None) -> None:
-    """(a) forward + loss.backward() of the summed next-token NLL, parameter grads reset each batch."""
-    model, task = setup.model, setup.task
-    t = timers or Timers()
-    dataset = task.as_dataset(train)
-    make_batches = batches if timers is None else timers.wrap_iter("data (collate)", batches)
-    it = make_batches(dataset, task, setup.batch_size, desc="floor", progress=False)
-    with eval_mode(model):
-        for _, batch in it:
-            with t.time("zero_grad"):
-                model.zero_grad(set_to_none=True)
-            with t.time("forward"):
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits
-            with t.time("loss (NLL)"):
-                loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="sum"
-                )
-            with t.time("backward (param grads)"):
-                loss.backward()
-    model.zero_grad(set_to_none=True)
 
 
 def make_run(setup: Setup, train: dict[str, torch.Tensor]) -> tuple[Any, dict[str, LayerFactors]]:
@@ -317,7 +150,7 @@ class Measurement:
 
 
 def measure(setup: Setup, repeats: int, log: Callable[[str], None]) -> Measurement:
-    warm = _subset(setup.train, min(len(setup.train["input_ids"]), 2 * setup.batch_size))
+    warm = subset(setup.train, min(len(setup.train["input_ids"]), 2 * setup.batch_size))
     floor_pass(setup, warm)
     _, _, warm_factors = covariance_pass(setup, warm, real_eigh=False)
     lambda_pass(setup, warm, warm_factors)
@@ -350,7 +183,7 @@ def profile_setup(setup: Setup, factors: dict[str, LayerFactors]) -> dict[str, d
     out: dict[str, dict[str, float]] = {}
     t = Timers()
     total = timed(lambda: floor_pass(setup, setup.train, t)).cpu
-    out["floor"] = _with_rest(total, dict(t.cpu), "rest")
+    out["floor"] = with_rest(total, dict(t.cpu), "rest")
     for name in ("covariance", "lambda"):
         t = Timers()
         patches = [
@@ -395,14 +228,7 @@ def profile_setup(setup: Setup, factors: dict[str, LayerFactors]) -> dict[str, d
         if missing:
             s["(not timed, missing: " + ", ".join(missing) + ")"] = 0.0
         rest = "rest of the Λ loop (square + sum before 87d8ad3)" if name == "lambda" else "rest (accumulate, scale)"
-        out[name] = _with_rest(total, s, rest)
-    return out
-
-
-def _with_rest(total: float, stages: dict[str, float], rest: str) -> dict[str, float]:
-    out = dict(stages)
-    out[rest] = total - sum(stages.values())
-    out["total"] = total
+        out[name] = with_rest(total, s, rest)
     return out
 
 
@@ -410,7 +236,7 @@ def torch_profile_setup(setup: Setup, n_batches: int, rows: int) -> dict[str, st
     """torch.profiler operator tables (self CPU time) over the first ``n_batches`` batches of each pass."""
     from torch.profiler import ProfilerActivity, profile
 
-    sub = _subset(setup.train, n_batches * setup.batch_size)
+    sub = subset(setup.train, n_batches * setup.batch_size)
     tables = {}
     run, factors = make_run(setup, sub)
     stub = [(fit_mod, "eigh_blocks", lambda f: _identity_eigh)]  # eigh is timed in the table, not here
@@ -429,53 +255,6 @@ def torch_profile_setup(setup: Setup, n_batches: int, rows: int) -> dict[str, st
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def engine_commit() -> str:
-    """HEAD of the repository (read-only git calls), flagged when src/ has uncommitted changes."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" + uncommitted changes in src/" if dirty else "")
-
-
-def environment() -> dict[str, str]:
-    import transformers
-
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "threads": f"{torch.get_num_threads()} (torch.set_num_threads)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "influencer": f"{influencer.__version__} at {engine_commit()}",
-        "python": platform.python_version(),
-        "cpu": f"{cpu_model()} ({os.cpu_count()} logical CPUs)",
-        "load average (1, 5, 15 min) at start": load_average(),
-    }
-
-
-def load_average() -> str:
-    """Other processes compete for the cores: a load above the thread count means noisier timings."""
-    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
 
 
 def _mark(ratio: float, target: float) -> str:
@@ -580,22 +359,6 @@ def report(args: argparse.Namespace, env: dict[str, str], rows: list[tuple[Setup
     return "\n".join(parts)
 
 
-def write_results(section: str, key: str = "bench_fit") -> None:
-    """Replace the ``<!-- key:begin -->`` … ``<!-- key:end -->`` block of RESULTS.md (append it if absent)."""
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    block = f"{begin}\n{section.rstrip()}\n{end}\n"
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = RESULTS.with_name(RESULTS.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, RESULTS)
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -664,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(args, env, rows)
     print(text)
     if args.write:
-        write_results(text)
+        write_results(text, "bench_fit")
         log(f"wrote {RESULTS}")
 
 

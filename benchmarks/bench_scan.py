@@ -37,223 +37,55 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import importlib
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import influencer as inf
 from influencer import capture as capture_mod
-from influencer.passes import batches, eval_mode
 from influencer.queries import LayerQueries, QueryStore
+
+from benchkit import (
+    RESULTS,
+    SEED,
+    Setup,
+    Timers,
+    environment,
+    floor_pass,
+    full_rows,
+    load_average,
+    patched,
+    random_rows,
+    smollm2_packed,
+    subset,
+    tiny_llama,
+    with_rest,
+    write_results,
+)
 
 # the module (the package attribute ``influencer.scan`` is the function of the same name)
 scan_mod = importlib.import_module("influencer.scan")
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
 TARGET = 1.5  # scan ≤ 1.5 × floor at Q = 64 (issue 3)
 TARGET_Q = 64
 MODES = ("auto", "tokens", "materialize")
-SEED = 0
 GiB = 2**30
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------------ shared
-# (the same definitions as benchmarks/bench_fit.py, kept here so that this script does not break when that one
-# changes: same tiny model, same packing of KJV verses, same floor)
-
-
-@dataclass
-class Setup:
-    name: str
-    description: str
-    model: nn.Module
-    task: inf.CausalLM
-    train: dict[str, torch.Tensor]
-    batch_size: int
-    layers: str = "mlp"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.train["input_ids"].shape)  # type: ignore[return-value]
-
-
-def _train(ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-class Timers:
-    """Accumulated wall time per named stage (single-threaded CPU ops are synchronous, so wall = compute)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def time(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - t0
-
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed_fn(*args: Any, **kwargs: Any) -> Any:
-            with self.time(name):
-                return fn(*args, **kwargs)
-
-        return timed_fn
-
-    def wrap_iter(self, name: str, fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-        """Time the ``next()`` calls of the generator ``fn`` returns (the data pipeline)."""
-
-        def timed_iter(*args: Any, **kwargs: Any) -> Iterator[Any]:
-            it = iter(fn(*args, **kwargs))
-            while True:
-                with self.time(name):
-                    try:
-                        item = next(it)
-                    except StopIteration:
-                        return
-                yield item
-
-        return timed_iter
-
-
-_ABSENT = object()
-
-
-@contextlib.contextmanager
-def patched(patches: list[tuple[Any, str, Callable[[Any], Any]]]) -> Iterator[list[str]]:
-    """Replace ``obj.attr`` by ``make(original)`` for each patch that exists; restore on exit."""
-    saved, missing = [], []
-    try:
-        for obj, attr, make in patches:
-            if not hasattr(obj, attr):
-                missing.append(f"{getattr(obj, '__name__', type(obj).__name__)}.{attr}")
-                continue
-            saved.append((obj, attr, obj.__dict__.get(attr, _ABSENT)))
-            setattr(obj, attr, make(getattr(obj, attr)))
-        yield missing
-    finally:
-        for obj, attr, own in reversed(saved):
-            if own is _ABSENT:
-                delattr(obj, attr)
-            else:
-                setattr(obj, attr, own)
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def with_rest(total: float, stages: dict[str, float], rest: str) -> dict[str, float]:
-    out = dict(stages)
-    out[rest] = total - sum(stages.values())
-    out["total"] = total
-    return out
-
-
-def floor_pass(setup: Setup, train: dict[str, torch.Tensor], timers: Timers | None = None) -> None:
-    """Forward + loss.backward() of the summed next-token NLL, parameter grads reset each batch (bench_fit's)."""
-    model, task = setup.model, setup.task
-    t = timers or Timers()
-    dataset = task.as_dataset(train)
-    make_batches = batches if timers is None else timers.wrap_iter("data (collate)", batches)
-    with eval_mode(model):
-        for _, batch in make_batches(dataset, task, setup.batch_size, desc="floor", progress=False):
-            with t.time("zero_grad"):
-                model.zero_grad(set_to_none=True)
-            with t.time("forward"):
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits
-            with t.time("loss (NLL)"):
-                loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="sum"
-                )
-            with t.time("backward (param grads)"):
-                loss.backward()
-    model.zero_grad(set_to_none=True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def engine_commit() -> str:
-    """HEAD of the repository (read-only git calls), flagged when src/ has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" + uncommitted changes in src/" if dirty else "")
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
-
-
-def environment() -> dict[str, str]:
-    import transformers
-
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "threads": f"{torch.get_num_threads()} (torch.set_num_threads)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "influencer": f"{inf.__version__} at {engine_commit()}",
-        "python": platform.python_version(),
-        "cpu": f"{cpu_model()} ({os.cpu_count()} logical CPUs)",
-        "load average (1, 5, 15 min) at start": load_average(),
-    }
-
-
-def write_results(section: str, key: str = "bench_scan") -> None:
-    """Replace the ``<!-- key:begin -->`` … ``<!-- key:end -->`` block of RESULTS.md (append it if absent)."""
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    block = f"{begin}\n{section.rstrip()}\n{end}\n"
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = RESULTS.with_name(RESULTS.name + ".bench_scan.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, RESULTS)
 
 
 # ------------------------------------------------------------------------------------------------ setups
@@ -273,32 +105,12 @@ class ScanSetup:
 
 
 def tiny_setup(args: argparse.Namespace) -> ScanSetup:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(SEED)
-    config = LlamaConfig(
-        vocab_size=args.tiny_vocab,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=max(128, args.tiny_len, args.tiny_query_len),
-    )
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    train_ids = torch.randint(
-        0, args.tiny_vocab, (args.tiny_seqs, args.tiny_len), generator=torch.Generator().manual_seed(SEED)
-    )
-    n_params = sum(p.numel() for p in model.parameters())
-    desc = (
-        f"tiny Llama (random init, fp32): 4 layers, hidden 256, MLP 1024, 4 heads, vocab {args.tiny_vocab}, "
-        f"untied head, {n_params / 1e6:.1f} M params, attention={model.config._attn_implementation}; "
-        "uniform random token ids"
-    )
-    setup = Setup("tiny", desc, model, inf.CausalLM(pad_token_id=0), _train(train_ids), args.tiny_batch)
-    gen = torch.Generator().manual_seed(SEED + 1)
+    """bench_fit's tiny setup, plus random queries."""
+    model, desc = tiny_llama(args.tiny_vocab, max(args.tiny_len, args.tiny_query_len))
+    train_ids = random_rows(args.tiny_vocab, args.tiny_seqs, args.tiny_len)
+    setup = Setup("tiny", desc, model, inf.CausalLM(pad_token_id=0), full_rows(train_ids), args.tiny_batch)
     d = min(args.distinct or max(args.q), max(args.q))
-    ids = torch.randint(0, args.tiny_vocab, (d, args.tiny_query_len), generator=gen)
+    ids = random_rows(args.tiny_vocab, d, args.tiny_query_len, seed=SEED + 1)
     prompt = args.tiny_query_len // 2
     queries = {"input_ids": ids, "prompt_length": torch.full((d,), prompt)}
     note = f"random {args.tiny_query_len}-token sequences, completion = the last {args.tiny_query_len - prompt} tokens"
@@ -306,28 +118,11 @@ def tiny_setup(args: argparse.Namespace) -> ScanSetup:
 
 
 def smollm2_setup(args: argparse.Namespace) -> ScanSetup:
-    """bench_fit's SmolLM2 setup (same packing of KJV verses), keeping the tokenizer for the queries."""
+    """bench_fit's SmolLM2 setup (same packing of KJV verses), plus KJV verse queries."""
     from influencer.data import kjv_verses, split_verse_queries, tokenize_queries
-    from influencer.models import load_model
 
-    model, tokenizer = load_model("smollm2-135m", dtype=torch.float32)
-    need = args.smol_seqs * args.smol_len
-    ids: list[int] = []
-    start = 0
-    while len(ids) < need:
-        verses = kjv_verses(max(64, 2 * (need - len(ids)) // 30), start=start)
-        start += len(verses)
-        ids.extend(tokenizer(" ".join(v["text"] for v in verses), add_special_tokens=False)["input_ids"])
-        ids.extend(tokenizer(" ", add_special_tokens=False)["input_ids"])
-    rows = torch.tensor(ids[:need], dtype=torch.long).view(args.smol_seqs, args.smol_len)
-    n_params = sum(p.numel() for p in model.parameters())
-    desc = (
-        f"SmolLM2-135M (built-in, de-quantized fp32): 30 layers, hidden 576, MLP 1536, vocab "
-        f"{model.config.vocab_size}, tied head, {n_params / 1e6:.1f} M params, "
-        f"attention={model.config._attn_implementation}; KJV verses packed into {args.smol_len}-token rows"
-    )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    setup = Setup("smollm2", desc, model, inf.CausalLM(pad_token_id=pad), _train(rows), args.smol_batch)
+    _, tokenizer, setup = smollm2_packed(args.smol_seqs, args.smol_len)
+    setup.batch_size = args.smol_batch
     d = min(args.smol_distinct, max(args.q))
     texts = [v["text"] for v in kjv_verses(d, start=args.smol_query_start)]
     prompts, completions = split_verse_queries(texts)
@@ -418,8 +213,11 @@ def wait_for_memory(need: int, max_s: float, what: str, poll_s: float = 30.0) ->
 # ------------------------------------------------------------------------------------------------ passes
 
 
-def subset(train: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    return {k: v[:n] for k, v in train.items()}
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall-clock seconds of ``fn()``."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def run_scan(
@@ -944,7 +742,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(args, env, rows)
     print(text)
     if args.write:
-        write_results(text)
+        write_results(text, "bench_scan")
         log(f"wrote {RESULTS}")
 
 
