@@ -91,8 +91,12 @@ def experiment(
     pbrf_tol: float | None = typer.Option(
         None, "--pbrf-tol", show_default="3e-3; small: 1e-2", help="PBRF convergence tolerance."
     ),
-    pbrf_max_steps: int | None = typer.Option(None, "--pbrf-max-steps", min=1, help="Adam steps per PBRF solve."),
-    lissa_depth: int | None = typer.Option(None, "--lissa-depth", min=1, show_default="5000; small: 1000"),
+    pbrf_max_steps: int | None = typer.Option(
+        None, "--pbrf-max-steps", min=1, show_default="3000", help="Most Adam steps per PBRF solve."
+    ),
+    lissa_depth: int | None = typer.Option(
+        None, "--lissa-depth", min=1, show_default="5000; small: 1000", help="LiSSA recursion steps."
+    ),
     lissa_batch: int = typer.Option(128, "--lissa-batch", min=1, help="LiSSA mini-batch size."),
     lissa_repeats: int = typer.Option(1, "--lissa-repeats", min=1, help="LiSSA runs averaged."),
     pcg_iterations: int = typer.Option(10, "--pcg-iterations", min=0, help="CG steps of ekfac-pcg."),
