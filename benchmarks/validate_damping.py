@@ -31,25 +31,23 @@ from pathlib import Path
 import torch
 
 import influencer as inf
-from influencer.validate import FlatModel, load_setup, mean_eigenvalue, pearson, train_gradients
+from influencer.progress import LogBars, use_bars
+from influencer.validate import (
+    FlatModel,
+    conjugate_gradients,
+    load_setup,
+    mean_eigenvalue,
+    pearson,
+    train_gradients,
+)
 from influencer.validate.experiment import _indices
 from influencer.validate.outputs import parse_overrides
 from influencer.validate.reference import exact_ihvp, scores_from_ihvp
 
 
-def _cg(apply, v: torch.Tensor, rtol: float = 1e-8, max_iter: int = 20000) -> torch.Tensor:
-    x, r = torch.zeros_like(v), v.clone()
-    p, rs = r.clone(), (r * r).sum(1)
-    for _ in range(max_iter):
-        ap = apply(p)
-        alpha = rs / (p * ap).sum(1)
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        rn = (r * r).sum(1)
-        if bool((rn.sqrt() <= rtol * v.norm(dim=1)).all()):
-            break
-        p, rs = r + (rn / rs)[:, None] * p, rn
-    return x
+def say(msg: str) -> None:
+    """A timestamped progress line on stderr (the table goes to stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _expected_ekfac(s, fm: FlatModel, ekfac: inf.Curvature, chunk: int = 8) -> inf.Curvature:
@@ -114,11 +112,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    with use_bars(LogBars(say)):
+        run(args, argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> None:
+    say(f"loading the {args.setup} setup (trains it once if it is not cached)")
     s = load_setup(args.setup, size=args.size, seed=args.seed, **parse_overrides(args.overrides))
     q_idx = _indices(s.n_test, args.measurements, args.seed + 11)
     t_idx = _indices(s.n_train, args.train_points, args.seed + 12)
     queries, subset = s.queries(q_idx), s.train_subset(t_idx)
     fm = FlatModel(s.model, s.task, s.layers)
+    say(f"fitting ekfac, kfac, diagonal, identity on N = {s.n_train} (P = {fm.P:,})")
     fits = {
         k: inf.fit_curvature(s.model, s.task, s.train, strategy=k, layers=s.layers, progress=False)
         for k in ("ekfac", "kfac", "diagonal", "identity")
@@ -153,8 +158,9 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 damping = {n: factor * float(f.lam.double().mean()) for n, f in fits["ekfac"].layers.items()}
             d = fm.damping_vector(damping)
+            say(f"{scheme} damping, factor {factor:g}: exact influence (CG on the full GNH)")
             with torch.no_grad():
-                x, info = exact_ihvp(fm, s.train, v, damping, method="cg", rtol=1e-8, max_iter=20000)
+                x, info = exact_ihvp(fm, s.train, v, damping, method="cg", rtol=1e-8, max_iter=20000, progress=True)
                 exact = scores_from_ihvp(x, grads)
 
                 def block(p: torch.Tensor, d: torch.Tensor = d) -> torch.Tensor:
@@ -165,7 +171,13 @@ def main(argv: list[str] | None = None) -> None:
                         out[:, lo:hi] += fm.gnh_vp(q, batches, refs, s.n_train)[:, lo:hi]
                     return out
 
-                block_diag = scores_from_ihvp(_cg(block, v), grads)
+                say(f"{scheme} damping, factor {factor:g}: exact block-diagonal influence (CG)")
+                block_diag = scores_from_ihvp(
+                    conjugate_gradients(
+                        block, v, rtol=1e-8, max_iter=20000, progress=True, desc="exact block-diagonal (CG)"
+                    )[0],
+                    grads,
+                )
             row = {
                 "scheme": scheme,
                 "factor": factor,
@@ -177,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                     row[k] = corr(engine(k, damping), exact)
             row["gradient-dot"] = corr(identity, exact)
             rows.append(row)
-            print(row, f"({time.time() - t:.0f} s)", flush=True)
+            say(f"{row} ({time.time() - t:.0f} s)")
     command = "python benchmarks/validate_damping.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"`{command}`",

@@ -22,9 +22,10 @@ import sys
 import time
 
 import torch
-from validate_damping import write_table
+from validate_damping import say, write_table
 
 import influencer as inf
+from influencer.progress import LogBars, use_bars
 from influencer.validate import (
     FlatModel,
     conjugate_gradients,
@@ -58,6 +59,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    with use_bars(LogBars(say)):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    say(f"loading the {args.setup} setup (trains it once if it is not cached)")
     s = load_setup(args.setup, seed=args.seed, **parse_overrides(args.overrides))
     fm = FlatModel(s.model, s.task, s.layers)
     t = time.perf_counter()
@@ -74,8 +81,11 @@ def main() -> None:
     v = torch.cat([fm.per_example_grads(b, "measurement") for _, b in fm.batches(queries, 64, queries=True)])
     grads = train_gradients(fm, s.train, t_idx)
     apply = damped_gnh_operator(fm, s.train, fm.damping_vector(lam))
+    say(f"exact influence: CG on the full GNH to 1e-8 (N = {s.n_train}, P = {fm.P:,}, λ = {lam:.4g})")
     t = time.perf_counter()
-    x_exact, exact_steps, _ = conjugate_gradients(apply, v, rtol=1e-8, max_iter=20000)
+    x_exact, exact_steps, _ = conjugate_gradients(
+        apply, v, rtol=1e-8, max_iter=20000, progress=True, desc="exact damped GNH (CG)"
+    )
     exact_seconds = time.perf_counter() - t
     exact = scores_from_ihvp(x_exact, grads)
 
@@ -88,6 +98,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for k in (int(i) for i in args.iterations.split(",")):
+        say(f"EK-FAC + {k} CG steps and plain CG, {k} steps")
         t = time.perf_counter()
         refined = inf.pairwise_scores(
             s.model,

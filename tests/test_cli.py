@@ -716,13 +716,13 @@ def test_validate_passes_every_option_and_records_the_command(monkeypatch, tmp_p
     assert table.rstrip().endswith("| method | pearson |")
 
 
-def test_validate_progress_lines_are_rate_limited_and_estimate_time_left(monkeypatch):
-    from influencer.cli import validate as command
+def test_log_bars_are_rate_limited_and_estimate_time_left(monkeypatch):
+    from influencer import progress
 
     clock = iter([0.0, 10.0, 70.0, 80.0, 140.0])
-    monkeypatch.setattr(command.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
     lines: list[str] = []
-    bar = command._LoggedBars(lines.append, every=60.0)("LiSSA", 100, "step")  # starts at t = 0
+    bar = progress.LogBars(lines.append, every=60.0)("LiSSA", 100, "step")  # starts at t = 0
     for _ in range(4):  # t = 10, 70, 80, 140
         bar.update(10)
     assert lines == [

@@ -249,8 +249,15 @@ def test_lissa_and_exact_cg_report_progress_through_the_installed_bars() -> None
         assert bars == []  # progress is off by default
         shown, _ = lissa_ihvp(fm, (x, y), v, 0.05, depth=30, repeats=2, batch_size=10, progress=True)
         _, info = exact_ihvp(fm, (x, y), v, 0.05, method="cg", progress=True)
+        apply = damped_gnh_operator(fm, (x, y), fm.damping_vector(0.05))
+        fixed, _, _ = conjugate_gradients(apply, v, iterations=4, progress=True, desc="four steps")
     assert torch.equal(quiet, shown)  # the bar does not change the numbers
-    assert bars == [["LiSSA", 60, "step", 60], ["exact damped GNH (CG)", None, "step", info["iterations"]]]
+    assert torch.equal(fixed, conjugate_gradients(apply, v, iterations=4)[0])
+    assert bars == [
+        ["LiSSA", 60, "step", 60],
+        ["exact damped GNH (CG)", None, "step", info["iterations"]],  # (to a tolerance: total unknown)
+        ["four steps", 4, "step", 4],
+    ]
 
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])

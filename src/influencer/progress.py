@@ -11,11 +11,12 @@ such as the command line installs another implementation for a block of code::
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Protocol
 
-__all__ = ["Bar", "BarFactory", "NoBar", "progress_bar", "use_bars"]
+__all__ = ["Bar", "BarFactory", "LogBars", "NoBar", "progress_bar", "use_bars"]
 
 
 class Bar(Protocol):
@@ -37,6 +38,41 @@ class NoBar:
 
     def update(self, n: int = 1) -> None:
         pass
+
+    def close(self) -> None:
+        pass
+
+
+class LogBars:
+    """A :data:`BarFactory` for logs and long unattended runs: each bar writes one line through ``say`` at most
+    every ``every`` seconds, with its count, the seconds per unit and, when the total is known, the time left.
+
+    Example: ``with use_bars(LogBars(print)): lissa_ihvp(..., progress=True)``.
+    """
+
+    def __init__(self, say: Callable[[str], None], every: float = 60.0) -> None:
+        self.say, self.every = say, every
+
+    def __call__(self, desc: str, total: int | None, unit: str) -> Bar:
+        return _LogBar(self.say, self.every, desc, total, unit)
+
+
+class _LogBar:
+    def __init__(self, say: Callable[[str], None], every: float, desc: str, total: int | None, unit: str) -> None:
+        self.say, self.every, self.desc, self.total, self.unit = say, every, desc, total, unit
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = (now - self.start) / self.done
+        left = f", ~{rate * (self.total - self.done) / 60:.0f} min left" if self.total else ""
+        count = f"{self.done}/{self.total}" if self.total else str(self.done)
+        self.say(f"  {self.desc} {count} {self.unit}s ({rate:.2f} s/{self.unit}{left})")
 
     def close(self) -> None:
         pass

@@ -60,11 +60,14 @@ def conjugate_gradients(
     max_iter: int = 5000,
     precondition: Callable[[Tensor], Tensor] | None = None,
     iterations: int | None = None,
+    progress: bool = False,
+    desc: str = "conjugate gradients",
 ) -> tuple[Tensor, int, float]:
     """Solve A x = v for each row of v [K, P] by (preconditioned) conjugate gradients from x₀ = 0.
 
     apply: x [K, P] ↦ A x, A symmetric positive definite; precondition: r ↦ M⁻¹ r (None: none). Each row stops
     at ‖r‖ ≤ rtol ‖v‖ (at most ``max_iter`` steps), or every row takes exactly ``iterations`` steps when given.
+    progress: a bar named ``desc`` over the steps (:func:`influencer.progress.progress_bar`).
     Returns (x [K, P], steps taken, the largest relative residual ‖r‖/‖v‖ over rows).
     """
     pre = precondition or (lambda r: r)
@@ -76,21 +79,23 @@ def conjugate_gradients(
     vn = v.norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
     limit = iterations if iterations is not None else max_iter
     steps = 0
-    while steps < limit:
-        active = torch.ones_like(rz, dtype=torch.bool) if iterations is not None else r.norm(dim=1) > rtol * vn
-        if not bool(active.any()):
-            break
-        ap = apply(p)
-        tiny = torch.finfo(v.dtype).tiny
-        alpha = torch.where(active, rz / (p * ap).sum(1).clamp_min(tiny), torch.zeros_like(rz))
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        z = pre(r)
-        rz_new = (r * z).sum(1)
-        beta = torch.where(active, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
-        p = z + beta[:, None] * p
-        rz = rz_new
-        steps += 1
+    with progress_bar(desc, iterations, unit="step", enabled=progress) as bar:
+        while steps < limit:
+            active = torch.ones_like(rz, dtype=torch.bool) if iterations is not None else r.norm(dim=1) > rtol * vn
+            if not bool(active.any()):
+                break
+            ap = apply(p)
+            tiny = torch.finfo(v.dtype).tiny
+            alpha = torch.where(active, rz / (p * ap).sum(1).clamp_min(tiny), torch.zeros_like(rz))
+            x += alpha[:, None] * p
+            r -= alpha[:, None] * ap
+            z = pre(r)
+            rz_new = (r * z).sum(1)
+            beta = torch.where(active, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
+            p = z + beta[:, None] * p
+            rz = rz_new
+            steps += 1
+            bar.update()
     return x, steps, float((r.norm(dim=1) / vn).max())
 
 

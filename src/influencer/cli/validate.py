@@ -106,7 +106,7 @@ def experiment(
     out: Path | None = _OUT,
 ) -> None:
     """Paper Fig. 6/7: each method's Pearson and Spearman against the PBRF, and its wall time."""
-    from influencer.progress import use_bars
+    from influencer.progress import LogBars, use_bars
     from influencer.validate import run_experiment
     from influencer.validate.experiment import canonical_methods
 
@@ -117,7 +117,7 @@ def experiment(
     lissa: dict[str, Any] = {"batch_size": lissa_batch, "repeats": lissa_repeats}
     if lissa_depth is not None:
         lissa["depth"] = lissa_depth
-    with use_bars(_LoggedBars(say)):
+    with use_bars(LogBars(say)):
         result = run_experiment(
             setup_obj,
             measurements=measurements,
@@ -164,7 +164,7 @@ def lds(
     out: Path | None = _OUT,
 ) -> None:
     """Linear datamodeling score: Spearman between predicted and actual measurements of retrained models."""
-    from influencer.progress import use_bars
+    from influencer.progress import LogBars, use_bars
     from influencer.validate import run_lds
     from influencer.validate.lds import STRATEGIES
 
@@ -174,7 +174,7 @@ def lds(
             raise UserError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     say, setup_obj, tag = _prepare(setup, size, overrides, seed, threads, cache)
     folder = out or _out_root(ctx) / f"lds-{tag}"
-    with use_bars(_LoggedBars(say)):
+    with use_bars(LogBars(say)):
         result = run_lds(
             setup_obj,
             subsets=subsets,
@@ -221,38 +221,6 @@ def _finish(ctx: typer.Context, result: Any, folder: Path, figure: str, say: Cal
     console.print(text, highlight=False, markup=False, soft_wrap=True)  # (tables stay one row per line)
     console.print(f"setup: {result.setup_info}", highlight=False, markup=False, soft_wrap=True)
     say(f"wrote {folder}")
-
-
-class _LoggedBars:
-    """A progress-bar factory (:func:`influencer.progress.use_bars`) that reports through the run's timestamped log:
-    one line per bar at most every ``every`` seconds, with the rate and, when the total is known, time left."""
-
-    def __init__(self, say: Callable[[str], None], every: float = 60.0) -> None:
-        self.say, self.every = say, every
-
-    def __call__(self, desc: str, total: int | None, unit: str) -> _LoggedBar:
-        return _LoggedBar(self.say, self.every, desc, total, unit)
-
-
-class _LoggedBar:
-    def __init__(self, say: Callable[[str], None], every: float, desc: str, total: int | None, unit: str) -> None:
-        self.say, self.every, self.desc, self.total, self.unit = say, every, desc, total, unit
-        self.done, self.start = 0, time.perf_counter()
-        self.last = self.start
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last < self.every:
-            return
-        self.last = now
-        rate = (now - self.start) / self.done
-        left = f", ~{rate * (self.total - self.done) / 60:.0f} min left" if self.total else ""
-        count = f"{self.done}/{self.total}" if self.total else str(self.done)
-        self.say(f"  {self.desc} {count} {self.unit}s ({rate:.2f} s/{self.unit}{left})")
-
-    def close(self) -> None:
-        pass
 
 
 def _out_root(ctx: typer.Context) -> Path:

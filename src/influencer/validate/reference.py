@@ -95,13 +95,9 @@ def exact_ihvp(
     if method != "cg":
         raise ValueError(f"method must be 'auto', 'dense' or 'cg', got {method!r}")
     apply = damped_gnh_operator(fm, train, d, batch_size=batch_size)
-    with progress_bar("exact damped GNH (CG)", None, unit="step", enabled=progress) as bar:
-
-        def counted(p: Tensor) -> Tensor:
-            bar.update()
-            return apply(p)
-
-        x, it, rel = conjugate_gradients(counted, v, rtol=rtol, max_iter=max_iter)
+    x, it, rel = conjugate_gradients(
+        apply, v, rtol=rtol, max_iter=max_iter, progress=progress, desc="exact damped GNH (CG)"
+    )
     return x, {
         "method": "cg",
         "P": fm.P,
