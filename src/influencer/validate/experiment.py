@@ -369,7 +369,7 @@ def run_experiment(
     size: "full" or "small" (a quick check: the small setup, 5 × 40 points, PBRF tolerance 1e-2 and LiSSA depth
         1000 unless given); cache: checkpoint cache dir (False: none);
     checkpoint: a directory where PBRF results are stored as they are computed and resumed from.
-    log: receives one line per stage and PBRF progress; progress: bars over the LiSSA and exact-CG steps.
+    log: receives one line per stage and PBRF progress; progress: bars over the LiSSA, exact-CG and EK-FAC + CG steps.
     """
     say = log or (lambda _msg: None)
     chosen = canonical_methods(methods)
@@ -459,7 +459,9 @@ def run_experiment(
             t = time.perf_counter()
             apply = damped_gnh_operator(fm, s.train, fm.damping_vector(lam))
             pre = curvature_preconditioner(fm, ekfac.with_damping(damping=lam))
-            x, steps, rel = conjugate_gradients(apply, query_grads(), iterations=pcg_iterations, precondition=pre)
+            x, steps, rel = conjugate_gradients(
+                apply, query_grads(), iterations=pcg_iterations, precondition=pre, progress=progress, desc="EK-FAC + CG"
+            )
             sc = scores_from_ihvp(x, train_gradients(fm, s.train, t_idx))
             results[name] = MethodResult(
                 name, sc, ekfac_fit + time.perf_counter() - t, [], [], {"iterations": steps, "relative_residual": rel}
