@@ -82,9 +82,7 @@ def tiny_setup(args: argparse.Namespace) -> Setup:
 
 
 def smollm2_setup(args: argparse.Namespace) -> Setup:
-    _, _, setup = smollm2_packed(args.smol_seqs, args.smol_len)
-    setup.batch_size = args.smol_batch
-    return setup
+    return smollm2_packed(args.smol_seqs, args.smol_len, args.smol_batch)[1]
 
 
 # ------------------------------------------------------------------------------------------------ passes

@@ -121,8 +121,7 @@ def smollm2_setup(args: argparse.Namespace) -> ScanSetup:
     """bench_fit's SmolLM2 setup (same packing of KJV verses), plus KJV verse queries."""
     from influencer.data import kjv_verses, split_verse_queries, tokenize_queries
 
-    _, tokenizer, setup = smollm2_packed(args.smol_seqs, args.smol_len)
-    setup.batch_size = args.smol_batch
+    tokenizer, setup = smollm2_packed(args.smol_seqs, args.smol_len, args.smol_batch)
     d = min(args.smol_distinct, max(args.q))
     texts = [v["text"] for v in kjv_verses(d, start=args.smol_query_start)]
     prompts, completions = split_verse_queries(texts)

@@ -89,10 +89,10 @@ def random_rows(vocab: int, n: int, length: int, seed: int = SEED) -> torch.Tens
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def smollm2_packed(n: int, length: int) -> tuple[nn.Module, Any, Setup]:
+def smollm2_packed(n: int, length: int, batch_size: int) -> tuple[Any, Setup]:
     """SmolLM2-135M (float32) and ``n`` rows of ``length`` tokens of KJV verses packed end to end.
 
-    Returns (model, tokenizer, setup) with setup name ``smollm2`` and batch size 0 (the caller sets it).
+    Returns (tokenizer, setup named ``smollm2``).
     """
     from influencer.data import kjv_verses
     from influencer.models import load_model
@@ -116,7 +116,7 @@ def smollm2_packed(n: int, length: int) -> tuple[nn.Module, Any, Setup]:
         f"attention={model.config._attn_implementation}; KJV verses packed into {length}-token rows"
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return model, tokenizer, Setup("smollm2", desc, model, CausalLM(pad_token_id=pad), full_rows(rows), 0)
+    return tokenizer, Setup("smollm2", desc, model, CausalLM(pad_token_id=pad), full_rows(rows), batch_size)
 
 
 # ------------------------------------------------------------------------------------------------ timers
