@@ -3,8 +3,8 @@
 For Q held-out measurements × M random training points of a validation setup, Pearson (mean over
 measurements) with the exact influence −∇fᵀ(G + λ)⁻¹∇L (CG on the full GNH to 1e-8) of
 
-- ``influencer.pairwise_scores(..., refine_data=train, refine_iterations=k)``: k steps of CG preconditioned by
-  the fitted EK-FAC (the engine's public refinement; k = 0 is plain EK-FAC), and
+- ``influencer.pairwise_scores`` with ``RefinedInverse(model, task, ekfac, train, steps=k)``: k steps of CG
+  preconditioned by the fitted EK-FAC (the engine's public refinement; k = 0 is plain EK-FAC), and
 - k steps of plain (unpreconditioned) CG from 0 (k = 0: the gradient dot product up to the factor 1/λ),
 
 with the wall time of each, on one thread. One global λ = factor × mean eigenvalue of G as in the PBRF
@@ -26,6 +26,7 @@ from validate_damping import say, write_table
 
 import influencer as inf
 from influencer.progress import LogBars, use_bars
+from influencer.refine import RefinedInverse
 from influencer.validate import (
     FlatModel,
     conjugate_gradients,
@@ -100,17 +101,8 @@ def run(args: argparse.Namespace) -> None:
     for k in (int(i) for i in args.iterations.split(",")):
         say(f"EK-FAC + {k} CG steps and plain CG, {k} steps")
         t = time.perf_counter()
-        refined = inf.pairwise_scores(
-            s.model,
-            s.task,
-            ekfac,
-            queries,
-            subset,
-            per_layer=False,
-            progress=False,
-            refine_data=s.train,
-            refine_iterations=k,
-        ).total
+        inverse = RefinedInverse(s.model, s.task, ekfac, s.train, steps=k)
+        refined = inf.pairwise_scores(s.model, s.task, inverse, queries, subset, per_layer=False, progress=False).total
         t_refined = time.perf_counter() - t + fit_seconds
         t = time.perf_counter()
         x_cg = conjugate_gradients(apply, v, iterations=k)[0] if k else v / lam

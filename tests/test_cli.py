@@ -131,7 +131,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
 
 def test_help_lists_every_command_and_option():
     out = ok(invoke("--help"))
-    for command in ("fit", "scan", "report", "demo", "validate"):
+    for command in ("fit", "scan", "probe", "report", "demo", "validate"):
         assert command in out
     fit_help = ok(invoke("fit", "--help"))
     for option in (
@@ -169,9 +169,12 @@ def test_help_lists_every_command_and_option():
         "--query-truncation",
         "--data",
         "--overwrite",
+        "--refine",
+        "--refine-sequences",
+        "--split-completion",
     ):
         assert option in scan_help, option
-    for command in ("report", "demo", "validate"):
+    for command in ("probe", "report", "demo", "validate"):
         ok(invoke(command, "--help"))
     assert re.search(r"influencer \d", ok(invoke("--version")))
 
@@ -236,13 +239,18 @@ def test_scan_matches_the_library_and_prints_hits(ws, tmp_path):
         "token attribution",
         "per copy = influence / N with N = 24",
         "up_proj",
-        "unrefined curvature",
+        # two queries over 24 sequences: the cost model cannot afford one step over 16 of them, and says so
+        "refinement: none (budget too small",
+        "is a score, not nats",
+        "per copy (score)",
     ):
         assert piece in out, piece
     assert (run / "scan" / "result.json").is_file() and not (run / "scan.partial").exists()
     request = json.loads((run / "scan" / "request.json").read_text())
     assert [q["prompt"] for q in request["queries"]] == [q["prompt"] for q in QUERIES]
     assert request["settings"]["rank"] is None and request["data"]["digest"]
+    assert request["settings"]["refine"] == "auto" and request["settings"]["refine_plan"]["steps"] == 0
+    assert request["settings"]["inverse"] == {"inverse": "curvature", "strategy": "ekfac", "steps": 0}
 
     # the same numbers as the library, computed directly
     result = inf.ScanResult.load(run / "scan")
@@ -306,50 +314,35 @@ def test_scan_of_other_data_with_packing(ws, tmp_path):
 
 
 def test_scan_refine_matches_the_library(ws, tmp_path):
+    from influencer.refine import RefinedInverse, sample_rows
+
     run = tmp_path / "run"
     _copy(ws.run, run)
-    line = error_line(invoke("scan", run, "--queries", ws.queries, "--refine-sequences", "8"), code=1)
-    assert "--refine-sequences needs --refine" in line
-    out = ok(
-        invoke(
-            "scan",
-            run,
-            "--queries",
-            ws.queries,
-            "--rank",
-            "0",
-            "--keep-scores",
-            "--no-tokens",
-            "--refine",
-            "3",
-            "--refine-sequences",
-            "16",
-        )
-    )
-    assert "unrefined curvature" not in out  # the magnitude caveat is only for unrefined scans
+    line = error_line(invoke("scan", run, "--queries", ws.queries, "--refine", "0", "--refine-sequences", "8"), code=1)
+    assert "--refine-sequences sets the refinement sample" in line
+    line = error_line(invoke("scan", run, "--queries", ws.queries, "--refine", "lots"), code=1)
+    assert "--refine takes 'auto' or a number of CG steps" in line
+    args = ("--rank", "0", "--keep-scores", "--no-tokens")
+    out = ok(invoke("scan", run, "--queries", ws.queries, *args, "--refine", "3", "--refine-sequences", "16"))
+    assert "refinement: 3 CG steps over 16 of the fit's sequences" in out
+    assert "per copy (nats)" in out and "in nats from adding one copy (refined: 3 CG steps over 16" in out
     request = json.loads((run / "scan" / "request.json").read_text())
     assert request["settings"]["refine"] == 3 and request["settings"]["refine_sequences"] == 16
+    inverse = request["settings"]["inverse"]
+    assert inverse["inverse"] == "refined" and inverse["steps"] == 3 and inverse["data_size"] == 16
     result = inf.ScanResult.load(run / "scan")
+    assert result.meta["inverse"] == inverse
     model, tok = inf_models_load(ws.model)
     curv = inf.Curvature.load(run / "curvature", model)
     train = _train_batch(tok)
     task = inf.CausalLM(pad_token_id=tok.pad_token_id)
-    first16 = {k: v[:16] for k, v in train.items()}
-    expected = inf.pairwise_scores(
-        model,
-        task,
-        curv,
-        inf_queries(tok),
-        train,
-        batch_size=8,
-        refine_data=first16,
-        refine_iterations=3,
-        progress=False,
-    ).total
+    rows = sample_rows(24, 16, 0)  # the seeded sample of the fit's 24 sequences
+    by_hand = RefinedInverse(model, task, curv, {k: v[rows] for k, v in train.items()}, steps=3)
+    expected = inf.pairwise_scores(model, task, by_hand, inf_queries(tok), train, batch_size=8, progress=False).total
     plain = inf.pairwise_scores(model, task, curv, inf_queries(tok), train, batch_size=8, progress=False).total
     torch.testing.assert_close(result.scores, expected, rtol=1e-4, atol=1e-4)
     assert (plain - expected).norm() > 1e-2 * expected.norm()  # the refinement changed the answer
-    # scanning other data still refines on the fit's own sequences
+    # scanning other data still refines on the fit's own sequences (the same seeded sample)
     text = ws.root / "refine-other.txt"
     text.write_text("\n".join(v["text"] for v in kjv_verses(6, start=40)) + "\n", encoding="utf-8")
     ok(
@@ -360,10 +353,7 @@ def test_scan_refine_matches_the_library(ws, tmp_path):
             ws.queries,
             "--data",
             text,
-            "--rank",
-            "0",
-            "--keep-scores",
-            "--no-tokens",
+            *args,
             "--refine",
             "3",
             "--refine-sequences",
@@ -372,7 +362,95 @@ def test_scan_refine_matches_the_library(ws, tmp_path):
         )
     )
     other = inf.ScanResult.load(run / "scan")
-    assert other.meta["refine"]["data"] == result.meta["refine"]["data"]
+    assert other.meta["inverse"]["sample_digest"] == result.meta["inverse"]["sample_digest"]
+
+
+def test_scan_default_path_refines_one_query_and_splits_its_completion(ws, tmp_path):
+    from influencer.completion import completion_split
+    from influencer.refine import cg_steps, default_inverse
+
+    run = tmp_path / "run"
+    _copy(ws.run, run)
+    prompt, completion = "In the beginning God created", " the heaven and the earth."
+    out = ok(
+        invoke(
+            "scan",
+            run,
+            "-p",
+            prompt,
+            "-c",
+            completion,
+            "--rank",
+            "0",
+            "--keep-scores",
+            "--split-completion",
+            "--show",
+            "3",
+        )
+    )
+    request = json.loads((run / "scan" / "request.json").read_text())
+    plan, inverse = request["settings"]["refine_plan"], request["settings"]["inverse"]
+    assert request["settings"]["refine"] == "auto" and plan["steps"] >= 1 and inverse["inverse"] == "refined"
+    assert f"refinement: {cg_steps(plan['steps'])} over {plan['sample']} of the fit's sequences" in out
+    assert "which completion token drives the score" in out and "'.'" in out
+    # the library's default path gives the same scores and the same split
+    model, tok = inf_models_load(ws.model)
+    curv = inf.Curvature.load(run / "curvature", model)
+    train = _train_batch(tok)
+    task = inf.CausalLM(pad_token_id=tok.pad_token_id)
+    from influencer.data import encode_queries
+
+    query = encode_queries(tok, [{"prompt": prompt, "completion": completion}])[0]
+    lib, lib_plan = default_inverse(model, task, curv, train, refine="auto", n_queries=1, n_scan=24, rank=None)
+    assert lib.describe() == inverse and lib_plan.to_dict() == plan
+    result = inf.ScanResult.load(run / "scan")
+    expected = inf.pairwise_scores(model, task, lib, query, train, batch_size=8, progress=False).total
+    torch.testing.assert_close(result.scores, expected, rtol=1e-4, atol=1e-4)
+    hits = [h.index for h in result.top(0, 3)]
+    (split,) = completion_split(model, task, lib, query, train, {0: hits})
+    saved = result.meta["completion_split"]["0"]
+    assert saved["tokens"] == split.tokens and saved["hits"].keys() == {str(i) for i in hits}
+    for i in hits:
+        torch.testing.assert_close(torch.tensor(saved["hits"][str(i)]).double(), split.hits[i], rtol=1e-4, atol=1e-6)
+        assert abs(float(split.hits[i].sum()) - float(expected[0, i])) <= 1e-3 * float(expected[0].abs().max())
+    ok(invoke("report", run))
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert "Which completion token drives the score" in html and "nats" in html
+
+
+def test_probe_prints_each_order_and_matches_the_library(ws, tmp_path):
+    from influencer.probe import CONDITIONS, word_order_probe
+
+    out_json = tmp_path / "probe.json"
+    out = ok(
+        invoke(
+            "probe",
+            ws.run,
+            "-p",
+            "In the beginning God created",
+            "-c",
+            " the heaven",
+            "--refine",
+            "0",
+            "--out",
+            out_json,
+        )
+    )
+    for cond in CONDITIONS:
+        assert cond in out
+    assert "ratio prompt→completion / completion→prompt" in out and "is a score, not nats" in out
+    saved = json.loads(out_json.read_text())
+    model, tok = inf_models_load(ws.model)
+    curv = inf.Curvature.load(ws.run / "curvature", model)
+    task = inf.CausalLM(pad_token_id=tok.pad_token_id)
+    lib = word_order_probe(model, task, curv, tok, "In the beginning God created", " the heaven")
+    for cond in CONDITIONS:
+        torch.testing.assert_close(
+            torch.tensor(saved["influence"][cond]), torch.tensor(lib.influence[cond]), rtol=1e-4, atol=1e-6
+        )
+    assert saved["ratio"] == pytest.approx(lib.ratio, rel=1e-3)
+    line = error_line(invoke("probe", ws.run, "-p", "x", "-c", "  "), code=1)
+    assert "--completion is empty" in line
 
 
 def test_fit_options_packing_and_strategy(ws, tmp_path):
@@ -431,7 +509,8 @@ def test_report_with_the_real_module(ws, tmp_path):
     out = ok(invoke("report", run))
     html = (run / "report.html").read_text(encoding="utf-8")
     assert "wrote" in out and "In the beginning God created" in html
-    assert "unrefined curvature: trust the ranking" in html  # the magnitude caveat reaches the report's notes
+    # two queries over 24 sequences are not refined: the report calls per-copy values a score, not nats
+    assert "is a score, not nats" in html and "(score)" in html
 
 
 def test_report_calls_write_report_with_the_documented_arguments(ws, tmp_path, monkeypatch):

@@ -53,8 +53,9 @@ def test_gpu_fit_and_scan_equal_cpu(both, tmp_path: Path) -> None:
 def test_refinement_on_the_gpu_equals_cpu(both) -> None:
     cpu, gpu, task, train, queries = both
     curv = inf.fit_curvature(cpu, task, train, progress=False)
-    r_cpu = inf.refine_queries(cpu, task, curv, queries, train, iterations=5)
-    r_gpu = inf.refine_queries(gpu, task, curv.to("cuda"), queries, train, iterations=5)
+    r_cpu = inf.preconditioned_queries(cpu, task, inf.RefinedInverse(cpu, task, curv, train, steps=5), queries)
+    gpu_inverse = inf.RefinedInverse(gpu, task, curv.to("cuda"), train, steps=5)
+    r_gpu = inf.preconditioned_queries(gpu, task, gpu_inverse, queries)
     for name, p in r_cpu.items():
         assert r_gpu[name].is_cuda
         assert float((r_gpu[name].cpu() - p).norm() / p.norm()) < 1e-3

@@ -23,6 +23,7 @@ import influencer as inf
 import influencer.analysis.tails
 import influencer.report.html
 from influencer.analysis import query_tail_stats, tail_stats
+from influencer.refine import cg_steps
 from influencer.report import write_report
 
 HOSTILE = "<script>alert(1)</script>"
@@ -181,7 +182,10 @@ def test_structure_and_token_heatmaps(scans, full_report) -> None:
     assert len(page.find("img")) == 2 * (2 + 3)
     assert "BM25 prefilter" not in html and "hostile note" in html and "run: rank 8, ekfac" in html
     assert "power-law exponent" in html or "No power-law fit" in html
-    assert "query refinement" in html and "none (the curvature&#39;s own answer" in html
+    inverse = full.meta["inverse"]
+    assert inverse["inverse"] == "refined"  # the default scan refines; the summary says how, and values are nats
+    assert f"{cg_steps(inverse['steps'])} over {inverse['data_size']} training sequences" in html
+    assert "nats" in html and "(score)" not in html
 
 
 def test_hostile_text_is_escaped(full_report) -> None:

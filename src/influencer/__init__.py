@@ -16,7 +16,7 @@ from influencer.curvature import (
 )
 from influencer.layers import Layer, select_layers
 from influencer.queries import QueryStore, measurement_gradients, preconditioned_queries
-from influencer.refine import refine_queries
+from influencer.refine import RefinedInverse
 from influencer.scan import Hit, ScanResult, merge_scans, scan
 from influencer.scores import Scores, pairwise_scores, self_scores
 from influencer.tasks import CausalLM, Classification, Regression, Task
@@ -33,6 +33,7 @@ __all__ = [
     "Layer",
     "LayerFactors",
     "QueryStore",
+    "RefinedInverse",
     "Regression",
     "ScanResult",
     "Scores",
@@ -45,7 +46,6 @@ __all__ = [
     "merge_scans",
     "pairwise_scores",
     "preconditioned_queries",
-    "refine_queries",
     "scan",
     "select_layers",
     "self_scores",

@@ -1,9 +1,12 @@
-"""End-to-end demo: EK-FAC influence on the built-in SmolLM2-135M over the King James Bible.
+"""End-to-end demo: influence on the built-in SmolLM2-135M-Instruct (de-quantized from a 4-bit GGUF) over King
+James verses, on the default (refined) path.
 
-Run with ``make demo`` or ``python -m influencer.demo [--verses N] [--candidates N] [--layers PRESET|REGEX]``.
-Fits the curvature on the first verses of Genesis (+ a few famous ones), narrows the whole Bible (31,103 verses)
-to each query's BM25 candidates (paper §3.2.1), scans them, and prints, for a few built-in queries, the verses
-whose addition would most increase log p(completion | prompt); writes ``report.html``.
+Run with ``make demo`` or ``python -m influencer.demo [--fit N] [--verses N] [--refine auto|N] [--layers …]``.
+Fits EK-FAC on the first verses of Genesis (+ a few famous ones), scans the first ``--verses`` verses of the Bible
+(+ the famous ones) without a prefilter, with the queries refined on the full Gauss-Newton matrix over a sample
+of them (the default of ``scan``), and prints, for a few built-in queries, the verses whose addition would most
+increase log p(completion | prompt) with per-copy values in nats, where each query's source verse ranks (also
+for a paraphrase), and which completion token drives the "Paris." query; writes ``report.html``.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import torch
 import influencer as inf
 from influencer.data import kjv_verses, tokenize_queries, tokenize_texts
 from influencer.models import load_model
-from influencer.refine import UNREFINED_SCALE_NOTE
+from influencer.refine import calibrated, cg_steps, units_note
 
 DEFAULT_LAYERS = r"model\.layers\.[0-5]\.mlp\."
+MODEL_NAME = "SmolLM2-135M-Instruct (de-quantized from a 4-bit GGUF)"
 
-#: famous verses added to the fitting set (by citation) so that the queries below have a source to find
+#: famous verses added to the fitted and scanned verses (by citation) so that the queries below have a source
 FAMOUS = ("John 3:16", "Psalms 23:1", "Ecclesiastes 1:9")
 
 QUERIES = (
@@ -35,7 +39,7 @@ QUERIES = (
         "John 3:16",
     ),
     ("The LORD is my shepherd;", " I shall not want.", "Psalms 23:1"),
-    ("At the very start, God made", " the sky and the land.", None),
+    ("At the very start, God made", " the sky and the land.", "Genesis 1:1"),  # a paraphrase of Genesis 1:1
     ("The capital of France is", " Paris.", None),
 )
 
@@ -50,14 +54,9 @@ def _corpus(n: int) -> list[dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fit", type=int, default=128, help="fit on the first N verses of Genesis (+ famous ones)")
     parser.add_argument(
-        "--verses", type=int, default=96, help="fit on the first N verses of Genesis (+ a few famous ones)"
-    )
-    parser.add_argument(
-        "--candidates",
-        type=int,
-        default=24,
-        help="BM25 candidates per query from the whole Bible (0: scan the fitting verses only)",
+        "--verses", type=int, default=768, help="scan the first N verses of the Bible (+ famous ones), unfiltered"
     )
     parser.add_argument(
         "--layers",
@@ -66,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rank", type=int, default=32, help="rank of the stored queries")
     parser.add_argument("--strategy", default="ekfac", choices=inf.STRATEGIES)
+    parser.add_argument(
+        "--refine", default="auto", help="'auto' (the default path), N CG steps, or 0 for the paper's plain EK-FAC"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -73,22 +75,27 @@ def main(argv: list[str] | None = None) -> None:
         "--out", default="runs/demo", help="folder for report.html (written when influencer.report is available)"
     )
     args = parser.parse_args(argv)
+    refine = args.refine if args.refine == "auto" else int(args.refine)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     model, tok = load_model("smollm2-135m")
     verses = _corpus(args.verses)
-    texts = [v["text"] for v in verses]
-    train = tokenize_texts(tok, texts)
+    train = tokenize_texts(tok, [v["text"] for v in verses])
+    fit_rows = _corpus(args.fit)
+    fit_train = tokenize_texts(tok, [v["text"] for v in fit_rows])
     task = inf.CausalLM(pad_token_id=tok.pad_token_id)
     print(
-        f"SmolLM2-135M loaded in {time.perf_counter() - t0:.1f}s; fitting on {len(texts)} verses, "
-        f"{int(train['attention_mask'].sum())} tokens"
+        f"{MODEL_NAME} loaded in {time.perf_counter() - t0:.1f}s; fitting on {len(fit_rows)} verses, "
+        f"{int(fit_train['attention_mask'].sum())} tokens"
     )
 
     t1 = time.perf_counter()
-    curv = inf.fit_curvature(model, task, train, strategy=args.strategy, layers=args.layers, batch_size=args.batch_size)
+    curv = inf.fit_curvature(
+        model, task, fit_train, strategy=args.strategy, layers=args.layers, batch_size=args.batch_size
+    )
+    curv.n_train = len(verses)  # per-copy units: one copy added to the scanned corpus
     print(
         f"fitted {args.strategy} on {len(curv.layers)} layers in {time.perf_counter() - t1:.1f}s "
         f"(factors {curv.nbytes() / 2**20:.0f} MiB)"
@@ -96,25 +103,6 @@ def main(argv: list[str] | None = None) -> None:
 
     prompts, completions, _sources = zip(*QUERIES, strict=True)
     queries = tokenize_queries(tok, list(prompts), list(completions))
-    candidates = None
-    if args.candidates > 0:  # the corpus is the whole Bible, narrowed per query by BM25
-        from influencer.prefilter import BM25Index
-
-        t2 = time.perf_counter()
-        verses = kjv_verses()
-        train = tokenize_texts(tok, [v["text"] for v in verses])
-        index = BM25Index(
-            train["input_ids"],
-            attention_mask=train["attention_mask"],
-            ignore_ids=[tok.pad_token_id] if tok.pad_token_id is not None else (),
-        )
-        union, candidates = index.candidates(
-            queries["input_ids"], args.candidates, attention_mask=queries["attention_mask"], per_query=True
-        )
-        print(
-            f"BM25 prefilter: {args.candidates} candidates per query from {len(verses)} verses, "
-            f"{len(union)} distinct, in {time.perf_counter() - t2:.1f}s"
-        )
     t3 = time.perf_counter()
     result = inf.scan(
         model,
@@ -126,45 +114,86 @@ def main(argv: list[str] | None = None) -> None:
         top_k=max(args.top, 5),
         batch_size=args.batch_size,
         keep_scores=True,
-        candidates=candidates,
-        n_train=len(verses),
+        refine=refine,
+    )
+    inverse = result.meta["inverse"]
+    plan = result.meta["refine_plan"]
+    how = (
+        f"refined by {cg_steps(inverse['steps'])} over {inverse['data_size']} sampled verses "
+        f"(predicted {100 * plan['predicted']:.0f}% of the scan's cost)"
+        if inverse["inverse"] == "refined"
+        else "plain curvature, not refined"
     )
     print(
-        f"scanned {len(prompts)} queries × {result.n_scanned} verses in {time.perf_counter() - t3:.1f}s "
-        f"({result.meta['store']})\n"
+        f"scanned {len(prompts)} queries × {result.n_scanned} verses, unfiltered, in {time.perf_counter() - t3:.1f}s; "
+        f"queries {how}\n"
     )
 
     citations = [v["citation"] for v in verses]
     scores = result.scores
     assert scores is not None
+    unit = "nats" if calibrated(inverse) else "(score)"
     for q, (prompt, completion, source) in enumerate(QUERIES):
         print(f"Query {q + 1}: {prompt!r} → {completion!r}")
         for rank, hit in enumerate(result.top(q, args.top), 1):
-            print(f"  {rank}. {citations[hit.index]:<18} I = {hit.score:11.2f}  per copy = {hit.per_copy:+.3g} nats")
+            print(f"  {rank}. {citations[hit.index]:<18} I = {hit.score:11.4g}  per copy = {hit.per_copy:+.3g} {unit}")
             print(f"     {_highlight(tok, train['input_ids'][hit.index], hit.tokens)}")
         if source is not None:
-            print("  " + _source_rank(q, citations.index(source), source, scores, candidates))
+            print("  " + _source_rank(q, citations.index(source), source, scores))
         print()
-    print("Per copy = I / N: the predicted change of log p(completion) from adding one copy of the verse to an")
-    print(f"N = {len(verses)}-verse training set.")
-    if args.strategy != "identity":
-        print(textwrap.fill(UNREFINED_SCALE_NOTE, 110, break_on_hyphens=False))
+    paris = len(QUERIES) - 1
+    _print_completion_split(model, task, result, curv, queries, train, paris, tok, citations, refine)
+    print(textwrap.fill(units_note(inverse, result.n_train), 110, break_on_hyphens=False))
     print("[brackets] mark the 3 tokens with the largest tokenwise influence (the token before a predicted one).")
     report = _write_report(
-        result, tok, train, verses, Path(args.out) / "report.html", top=max(args.top, 5), n_fit=len(texts)
+        result, tok, train, verses, Path(args.out) / "report.html", top=max(args.top, 5), n_fit=len(fit_rows)
     )
     if report is not None:
         print(f"report: {report}")
     print(f"total {time.perf_counter() - t0:.1f}s")
 
 
-def _source_rank(q: int, i: int, source: str, scores: torch.Tensor, candidates: torch.Tensor | None) -> str:
-    """Where the query's source verse ranks among the verses scanned for that query."""
-    scanned = torch.arange(scores.shape[1]) if candidates is None else candidates[q]
-    if i not in set(scanned.tolist()):
-        return f"source verse {source} is not among this query's {len(scanned)} BM25 candidates"
-    rank = int((scores[q, scanned] > scores[q, i]).sum()) + 1
-    return f"source verse {source} ranks #{rank} of the {len(scanned)} verses scanned for this query"
+def _print_completion_split(
+    model: Any,
+    task: inf.CausalLM,
+    result: inf.ScanResult,
+    curv: inf.Curvature,
+    queries: dict[str, torch.Tensor],
+    train: dict[str, torch.Tensor],
+    q: int,
+    tok: Any,
+    citations: list[str],
+    refine: Any,
+) -> None:
+    """Which completion token drives query q's top hit (the "Paris." trap)."""
+    from influencer.completion import completion_split
+    from influencer.refine import RefinedInverse
+    from influencer.tasks import take_rows
+
+    top = result.top(q, 1)
+    if not top:
+        return
+    inverse: Any = curv
+    meta = result.meta["inverse"]
+    if meta["inverse"] == "refined":  # the scan's own inverse: the same steps over the same seeded sample
+        from influencer.refine import sample_rows
+
+        rows = sample_rows(meta["sample_of"], meta["data_size"], meta["seed"])
+        inverse = RefinedInverse(model, task, curv, take_rows(train, rows), steps=meta["steps"])
+    (split,) = completion_split(model, task, inverse, take_rows(queries, [q]), train, {0: [top[0].index]})
+    shares = split.shares(top[0].index)
+    parts = ", ".join(
+        f"{tok.decode([t])!r} {100 * float(s):.0f}% (log p {float(lp):.2f})"
+        for t, s, lp in zip(split.tokens, shares, split.logp, strict=True)
+    )
+    print(f"Which completion token drives query {q + 1}'s top hit ({citations[top[0].index]}): {parts}")
+    print()
+
+
+def _source_rank(q: int, i: int, source: str, scores: torch.Tensor) -> str:
+    """Where the query's source verse ranks among all scanned verses."""
+    rank = int((scores[q] > scores[q, i]).sum()) + 1
+    return f"source verse {source} ranks #{rank} of the {scores.shape[1]} verses scanned"
 
 
 def _write_report(
@@ -194,8 +223,8 @@ def _write_report(
 
     queries = [{"prompt": p, "completion": c} for p, c, _ in QUERIES]
     notes = [
-        f"SmolLM2-135M; EK-FAC on {len(result.layer_names)} MLP layers fitted on {n_fit} verses; "
-        f"{result.n_scanned} of the {len(verses)} King James verses scanned"
+        f"{MODEL_NAME}; EK-FAC on {len(result.layer_names)} MLP layers fitted on {n_fit} verses; "
+        f"{result.n_scanned} King James verses scanned, unfiltered"
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_report(
@@ -204,7 +233,7 @@ def _write_report(
         queries=queries,
         train_tokens=train_tokens,
         train_text=train_text,
-        title="influencer demo: SmolLM2-135M × King James verses",
+        title="influencer demo: SmolLM2-135M-Instruct × King James verses",
         top=top,
         notes=notes,
     )

@@ -220,24 +220,26 @@ class FlatModel:
         return vmap(grad(single), in_dims=(None, 0))(theta, batch)
 
     @torch.no_grad()
-    def gnh_vp(self, vs: Tensor, batches: list[tuple[Tensor, Any]], refs: list[Tensor], n: int) -> Tensor:
+    def gnh_vp(self, vs: Tensor, batches: list[tuple[Tensor, Any]], refs: list[Tensor] | None, n: int) -> Tensor:
         """G v for v [P] or [K, P]: (1/n) Σ over the given batches of Jᵀ H J v.
 
         J v by forward mode, H = the Hessian of the Bregman term in output space at h_s (= the loss Hessian),
-        Jᵀ by reverse mode; all K vectors in one vectorised pass.
+        Jᵀ by reverse mode; all K vectors in one vectorised pass. refs: h_s per batch, or None to take h_s from
+        the reverse-mode pass itself (θ = θ_s there; saves holding the outputs of every batch).
         """
         single = vs.dim() == 1
         vs2 = vs[None] if single else vs
         out = torch.zeros_like(vs2)
         theta = self.theta0
-        for (_, b), ref in zip(batches, refs, strict=True):
+        for i, (_, b) in enumerate(batches):
 
             def f(th: Tensor, b=b) -> Tensor:
                 return self.outputs(th, b)
 
             # the math attention kernel: fused CPU/GPU attention kernels have no forward-mode derivative
             with sdpa_kernel(SDPBackend.MATH):
-                _, vjp_fn = vjp(f, theta)
+                primal, vjp_fn = vjp(f, theta)
+                ref = primal.detach() if refs is None else refs[i]
                 jv = vmap(lambda v, f=f: jvp(f, (theta,), (v,))[1])(vs2)
                 out += vmap(vjp_fn)(output_hessian_product(self.task, ref, b, jv))[0]
         out /= n

@@ -9,15 +9,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
 
-from influencer.curvature.core import Curvature
+from influencer.curvature.core import Inverse
 from influencer.curvature.linalg import per_example_grads
 from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.layers import Layer
 from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
 from influencer.progress import progress_bar
-from influencer.tasks import Task
+from influencer.tasks import Task, take_rows
 
 
 @amp_aware
@@ -40,26 +39,19 @@ def measurement_gradients(
 
 @amp_aware
 def preconditioned_queries(
-    model: nn.Module, task: Task, curvature: Curvature, queries: Any, *, batch_size: int = 16, progress: bool = False
+    model: nn.Module, task: Task, inverse: Inverse, queries: Any, *, batch_size: int = 16, progress: bool = False
 ) -> dict[str, torch.Tensor]:
-    """P_l = −(G_l + λ_l)⁻¹ ∇_l f_q: name → [Q, d_out, w]. ⟨P_l, ∇_l L(z)⟩ is the layer's influence on q."""
-    layers = curvature.bind(model)
+    """P_l = −(G + λ)⁻¹ ∇f_q restricted to layer l: name → [Q, d_out, w]. ⟨P_l, ∇_l L(z)⟩ is the layer's
+    influence on q. ``inverse``: a :class:`~influencer.curvature.Curvature` (block-diagonal) or any
+    :class:`~influencer.curvature.Inverse` such as :class:`~influencer.refine.RefinedInverse`."""
+    layers = inverse.curvature.bind(model)
     grads = measurement_gradients(model, task, layers, queries, batch_size=batch_size, progress=progress)
-    return {name: -curvature.precondition(name, v) for name, v in grads.items()}
+    return {name: -v for name, v in inverse.solve(grads).items()}
 
 
 def _slice_rows(data: Any, lo: int, hi: int) -> Any:
-    """Rows lo..hi-1 of user query data (a tensor, a dict of per-row tensors/lists, a tuple (X, Y), a list or a
-    Dataset), in the same form."""
-    if isinstance(data, torch.Tensor | list):
-        return data[lo:hi]
-    if isinstance(data, dict):
-        return {k: v[lo:hi] if isinstance(v, torch.Tensor | list) else v for k, v in data.items()}
-    if isinstance(data, tuple):
-        return tuple(_slice_rows(x, lo, hi) for x in data)
-    if isinstance(data, Dataset):
-        return Subset(data, range(lo, hi))
-    raise TypeError(f"cannot split queries of type {type(data).__name__} into chunks")
+    """Rows lo..hi-1 of user query data, in the same form (see :func:`influencer.tasks.take_rows`)."""
+    return take_rows(data, range(lo, hi))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -146,23 +138,18 @@ class QueryStore:
         cls,
         model: nn.Module,
         task: Task,
-        curvature: Curvature,
+        inverse: Inverse,
         queries: Any,
         *,
         rank: int | None = 32,
         batch_size: int = 16,
-        refine_data: Any = None,
-        refine_iterations: int = 10,
-        refine_batch_size: int = 256,
         progress: bool = False,
     ) -> QueryStore:
-        """Measurement gradients → preconditioned → rank ``rank`` (None: keep every layer exact).
+        """Measurement gradients → ``inverse.solve`` → rank ``rank`` (None: keep every layer exact).
 
         Queries are processed ``batch_size`` at a time and compressed before the next chunk, so the dense
-        [Q, d_out, w] gradients of all queries never coexist (peak memory ∝ batch_size, not Q).
-        refine_data: training data; when given, the preconditioning is refined by ``refine_iterations`` steps of
-        conjugate gradients on the full Gauss-Newton matrix over it (:func:`influencer.refine_queries`), taking
-        ``refine_batch_size`` of its examples per Gauss-Newton pass.
+        [Q, d_out, w] gradients of all queries never coexist (peak memory ∝ batch_size, not Q). ``meta["inverse"]``
+        records ``inverse.describe()``.
         """
         n = len(task.as_dataset(queries, queries=True))  # type: ignore[arg-type]
         if n == 0:
@@ -171,31 +158,17 @@ class QueryStore:
         with progress_bar("query gradients", n, unit="query", enabled=progress) as bar:
             for lo in range(0, n, batch_size):
                 chunk = _slice_rows(queries, lo, min(lo + batch_size, n)) if batch_size < n else queries
-                if refine_data is None:
-                    precond = preconditioned_queries(model, task, curvature, chunk, batch_size=batch_size)
-                else:
-                    from influencer.refine import refine_queries
-
-                    precond = refine_queries(
-                        model,
-                        task,
-                        curvature,
-                        chunk,
-                        refine_data,
-                        iterations=refine_iterations,
-                        batch_size=refine_batch_size,
-                        query_chunk=batch_size,
-                    )
+                precond = preconditioned_queries(model, task, inverse, chunk, batch_size=batch_size)
                 parts.append(cls.from_preconditioned(precond, rank))
                 bar.update(min(batch_size, n - lo))
-        refine = (
-            None
-            if refine_data is None
-            else {"iterations": int(refine_iterations), "data_size": len(task.as_dataset(refine_data))}
-        )  # type: ignore[arg-type]
+        curvature = inverse.curvature
         return cls.concat(
             parts,
-            meta={"strategy": curvature.strategy, "fingerprint": curvature.fingerprint.get("digest"), "refine": refine},
+            meta={
+                "strategy": curvature.strategy,
+                "fingerprint": curvature.fingerprint.get("digest"),
+                "inverse": inverse.describe(),
+            },
         )
 
     @classmethod

@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from influencer import distributed as dist
-from influencer.curvature.core import Curvature
+from influencer.curvature.core import Inverse
 from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.layers import Layer
 from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
 from influencer.progress import Bar, progress_bar
 from influencer.queries import LayerQueries, QueryStore
+from influencer.refine import default_inverse
 from influencer.tasks import Task
 
 BANDS = ("lower", "middle", "upper")
@@ -408,7 +409,7 @@ class ScanResult:
 def scan(
     model: nn.Module,
     task: Task,
-    curvature: Curvature,
+    inverse: Inverse,
     queries: Any,
     train: Any,
     *,
@@ -425,12 +426,19 @@ def scan(
     n_train: int | None = None,
     contraction: str | None = None,
     dense_budget: int = DEFAULT_DENSE_BUDGET,
-    refine_data: Any = None,
-    refine_iterations: int = 10,
+    refine: int | str = "auto",
+    refine_seed: int = 0,
     progress: bool = True,
 ) -> ScanResult:
     """Score every training sequence against every query in one pass; returns a :class:`ScanResult`.
 
+    inverse: a fitted :class:`~influencer.curvature.Curvature` or any :class:`~influencer.curvature.Inverse`.
+    refine: how the queries are preconditioned when ``inverse`` is a curvature. ``"auto"`` (default): refined on
+    the full damped Gauss-Newton matrix (:class:`~influencer.refine.RefinedInverse`) over a seeded random sample
+    of ``train``, with CG steps and sample size chosen by :func:`~influencer.refine.plan_refinement` so that the
+    refinement costs at most the scan itself on small corpora and ≤ 10 % of it from 100k scanned sequences;
+    an int: that many CG steps (sample size still from the cost model); 0: the curvature's own answer (the
+    paper's plain EK-FAC). What was used is in ``result.meta["inverse"]`` and ``result.meta["refine_plan"]``.
     rank: rank of the stored queries (None = exact). top_k: hits kept per query (positive, negative, per band).
     candidates: a prefilter — one index tensor per query (or one shared tensor); other pairs are not scored.
     keep_scores: also keep the full score matrix (in shards when ``out_dir`` is given).
@@ -438,12 +446,9 @@ def scan(
     out_dir: make the scan resumable (shards + ``scan.json``); the same call continues an interrupted run. A lock
         file stops a second process from using the same directory.
     data_range: scan only training sequences [start, stop) — a partition; :func:`merge_scans` combines the
-        partitions of a training set into the result of one scan.
+        partitions of a training set into the result of one scan (every partition refines on the same sample).
     contraction: force "tokens" or "materialize" (default: the cost model decides per layer).
-    refine_data: training data (the set the curvature describes, or a subset); when given, every query's
-        preconditioned gradient is refined by ``refine_iterations`` steps of EK-FAC-preconditioned conjugate
-        gradients on the full damped Gauss-Newton matrix over it before the scan (:func:`influencer.refine_queries`;
-        docs/VALIDATION.md §5.1). Each step costs about one Gauss-Newton pass over ``refine_data`` per query.
+    store: a ready :class:`~influencer.queries.QueryStore`, used as built (``refine`` does not apply).
 
     Inside a torch.distributed process group rank 0 builds the query store and broadcasts it, the shards are
     spread over the ranks, and every rank returns the same merged result (rank 0 writes ``out_dir``).
@@ -454,20 +459,14 @@ def scan(
         raise ValueError(f"contraction must be None, 'tokens' or 'materialize', got {contraction!r}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
-    refine: dict[str, Any] | None = None
-    if refine_data is not None:
-        if store is not None:
-            raise ValueError(
-                "refine_data refines the queries while the store is built; a given store is used as "
-                "it is: pass refine_data to QueryStore.build instead"
-            )
-        if refine_iterations < 1:
-            raise ValueError(f"refine_iterations must be ≥ 1 with refine_data, got {refine_iterations}")
-        refine = {
-            "iterations": int(refine_iterations),
-            "data": _digest(task, refine_data, queries=False),
-            "data_size": len(task.as_dataset(refine_data)),
-        }  # type: ignore[arg-type]
+    if refine != "auto" and not (isinstance(refine, int) and refine >= 0):
+        raise ValueError(f"refine must be 'auto' or a number of CG steps ≥ 0, got {refine!r}")
+    if store is not None and refine not in ("auto", 0):
+        raise ValueError(
+            "a given store is used as it was built; refine applies when the scan builds its own store "
+            "(build the store from a RefinedInverse instead)"
+        )
+    curvature = inverse.curvature
     layers = curvature.bind(model)
     dataset = task.as_dataset(train)
     n = len(dataset)  # type: ignore[arg-type]
@@ -479,9 +478,10 @@ def scan(
         return _scan(
             model,
             task,
-            curvature,
+            inverse,
             layers,
             queries,
+            train,
             dataset,
             store=store,
             rank=rank,
@@ -497,7 +497,7 @@ def scan(
             contraction=contraction,
             dense_budget=dense_budget,
             refine=refine,
-            refine_data=refine_data,
+            refine_seed=refine_seed,
             progress=progress,
         )
 
@@ -505,44 +505,33 @@ def scan(
 def _resident_store(
     model: nn.Module,
     task: Task,
-    curvature: Curvature,
+    inverse: Inverse,
     queries: Any,
     store: QueryStore | None,
     rank: int | None,
     out: Path | None,
     query_digest: str,
     progress: bool,
-    refine: dict[str, Any] | None = None,
-    refine_data: Any = None,
     batch_size: int = 16,
 ) -> QueryStore:
     """The query store: given, loaded from the run directory, or built — once, on rank 0, then broadcast."""
     if store is not None:
         return store
+    described = inverse.describe()
 
     def load_or_build() -> QueryStore:
         if out is not None and (out / "queries.json").is_file():
             loaded = QueryStore.load(out)
             if loaded.meta.get("queries") != query_digest:
                 raise ValueError(f"'{out}' holds a scan of other queries; use another out_dir or delete it")
-            if loaded.meta.get("refine") != refine:
+            if loaded.meta.get("inverse") != described:
                 raise ValueError(
-                    f"'{out}' holds a scan with other query refinement settings; use another out_dir or delete it"
+                    f"'{out}' holds a scan with other query refinement settings ({loaded.meta.get('inverse')} "
+                    f"there, {described} now); use another out_dir or delete it"
                 )
             return loaded
-        built = QueryStore.build(
-            model,
-            task,
-            curvature,
-            queries,
-            rank=rank,
-            refine_data=refine_data,
-            refine_iterations=refine["iterations"] if refine else 10,
-            refine_batch_size=batch_size,
-            progress=progress,
-        )
+        built = QueryStore.build(model, task, inverse, queries, rank=rank, batch_size=batch_size, progress=progress)
         built.meta["queries"] = query_digest
-        built.meta["refine"] = refine
         if out is not None:
             built.save(out)
         return built
@@ -594,9 +583,10 @@ def _gather_state(state: _State, q: int, top_k: int, n_layers: int, dtype: torch
 def _scan(
     model: nn.Module,
     task: Task,
-    curvature: Curvature,
+    inverse: Inverse,
     layers: list[Layer],
     queries: Any,
+    train: Any,
     dataset: Any,
     *,
     store: QueryStore | None,
@@ -612,28 +602,33 @@ def _scan(
     n_train: int | None,
     contraction: str | None,
     dense_budget: int,
-    refine: dict[str, Any] | None,
-    refine_data: Any,
+    refine: int | str,
+    refine_seed: int,
     progress: bool,
 ) -> ScanResult:
     n = len(dataset)
+    curvature = inverse.curvature
     query_digest = _digest(task, queries)
+    n_queries = store.n_queries if store is not None else len(task.as_dataset(queries, queries=True))  # type: ignore[arg-type]
+    allowed_mask, order = _candidates(candidates, n_queries, n)
+    plan = None
+    if store is None:
+        inverse, plan = default_inverse(
+            model,
+            task,
+            inverse,
+            train,
+            refine=refine,
+            n_queries=n_queries,
+            n_scan=len(order),
+            rank=rank,
+            seed=refine_seed,
+            progress=progress and dist.is_main(),
+        )
     store = _resident_store(
-        model,
-        task,
-        curvature,
-        queries,
-        store,
-        rank,
-        out,
-        query_digest,
-        progress,
-        refine=refine,
-        refine_data=refine_data,
-        batch_size=batch_size,
+        model, task, inverse, queries, store, rank, out, query_digest, progress, batch_size=batch_size
     )
     q = store.n_queries
-    allowed_mask, order = _candidates(candidates, q, n)
     lo, hi = data_range
     order = order[(order >= lo) & (order < hi)]
     dtype = compute_dtype(model)
@@ -656,9 +651,8 @@ def _scan(
         "strategy": curvature.strategy,
         "damping": [f.damping for f in curvature.layers.values()],
         "candidates": hashlib.sha256(order.numpy().tobytes()).hexdigest(),
+        "inverse": store.meta.get("inverse"),
     }
-    if refine is not None:  # only when set, so the shards of earlier unrefined scans stay valid
-        config["refine"] = refine
     if data_range != (0, n):
         config["data_range"] = list(data_range)
     config_digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
@@ -735,7 +729,8 @@ def _scan(
             "query_digest": query_digest,
             "top_k": top_k,
             "data_range": list(data_range),
-            "refine": store.meta.get("refine"),
+            "inverse": store.meta.get("inverse"),
+            "refine_plan": None if plan is None else plan.to_dict(),
         },
     )
     result.directory = out

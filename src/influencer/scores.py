@@ -15,12 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from influencer.curvature.core import Curvature
+from influencer.curvature.core import Curvature, Inverse
 from influencer.curvature.linalg import chunk_rows, per_example_grads
 from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
 from influencer.queries import preconditioned_queries
-from influencer.refine import refine_queries
 from influencer.tasks import Task
 
 _SCORES = "scores.safetensors"
@@ -97,7 +96,7 @@ class Scores:
 def pairwise_scores(
     model: nn.Module,
     task: Task,
-    curvature: Curvature,
+    inverse: Inverse,
     queries: Any,
     train: Any,
     *,
@@ -105,28 +104,17 @@ def pairwise_scores(
     query_batch_size: int = 16,
     per_layer: bool = True,
     n_train: int | None = None,
-    refine_data: Any = None,
-    refine_iterations: int = 10,
     progress: bool = True,
 ) -> Scores:
     """Influence of every training example on every query: a :class:`Scores` with total [Q, N].
 
-    refine_data: training data; when given, the query side is refined by ``refine_iterations`` steps of
-    conjugate gradients on the full Gauss-Newton matrix over it (:func:`influencer.refine_queries`).
+    inverse: a :class:`~influencer.curvature.Curvature` (the paper's block-diagonal estimate) or any
+    :class:`~influencer.curvature.Inverse`, such as :class:`~influencer.refine.RefinedInverse` (refined on the
+    full Gauss-Newton matrix). Unlike :func:`~influencer.scan`, nothing is refined unless you pass a refined
+    inverse: this is the simple reference engine.
     """
-    if refine_data is None:
-        precond = preconditioned_queries(model, task, curvature, queries, batch_size=query_batch_size)
-    else:
-        precond = refine_queries(
-            model,
-            task,
-            curvature,
-            queries,
-            refine_data,
-            iterations=refine_iterations,
-            query_chunk=query_batch_size,
-            progress=progress,
-        )
+    precond = preconditioned_queries(model, task, inverse, queries, batch_size=query_batch_size)
+    curvature = inverse.curvature
     layers = curvature.bind(model, check_weights=False)
     dataset = task.as_dataset(train)
     n = len(dataset)  # type: ignore[arg-type]
@@ -150,6 +138,7 @@ def pairwise_scores(
         per_layer=out if per_layer else {},
         n_train=curvature.n_train if n_train is None else int(n_train),
         strategy=curvature.strategy,
+        meta={"inverse": inverse.describe()},
     )
 
 

@@ -41,6 +41,24 @@ class ListDataset(Dataset):
         return self.transform(item) if self.transform is not None else item
 
 
+def take_rows(data: Any, indices: Sequence[int] | torch.Tensor) -> Any:
+    """Rows ``indices`` of user data (a tensor, a dict of per-row tensors/lists with optional scalars, a tuple
+    (X, Y), a list or a Dataset), in the same form: a sample of training data that keeps every field."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    if isinstance(data, torch.Tensor):
+        return data[idx]
+    if isinstance(data, list):
+        return [data[int(i)] for i in idx]
+    if isinstance(data, dict):
+        scalar = lambda v: isinstance(v, int) or (isinstance(v, torch.Tensor) and v.ndim == 0)  # noqa: E731
+        return {k: v if scalar(v) else take_rows(v, idx) for k, v in data.items()}
+    if isinstance(data, tuple):
+        return tuple(take_rows(x, idx) for x in data)
+    if isinstance(data, Dataset):
+        return torch.utils.data.Subset(data, idx.tolist())
+    raise TypeError(f"cannot take rows of data of type {type(data).__name__}")
+
+
 def _unwrap_logits(out: Any) -> torch.Tensor:
     """Model outputs → a tensor (accepts HF ModelOutput with .logits, tuples, tensors)."""
     if isinstance(out, torch.Tensor):

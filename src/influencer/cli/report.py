@@ -70,14 +70,12 @@ def report(
             f"curvature: {fit_info['strategy']} ({fit_info['fisher']} Fisher) on {len(fit_info['tracked_layers'])} "
             f"layers ({fit_info['layers']}), fitted on {fit_info['n_fit']} sequences",
             f"data: {settings['source']} ({seqs.report.summary()})",
-            f"per copy = influence / N, N = {result.n_train}",
         ]
         if request["settings"].get("prefilter"):
             notes.append(f"BM25 prefilter: top {request['settings']['prefilter']} sequences per query were scored")
-        if not request["settings"].get("refine") and fit_info["strategy"] != "identity":
-            from influencer.refine import UNREFINED_SCALE_NOTE
+        from influencer.refine import units_note
 
-            notes.append(UNREFINED_SCALE_NOTE)
+        notes.append(units_note(result.meta.get("inverse"), result.n_train))
         with timer.stage("write report"):
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")

@@ -114,6 +114,20 @@ def _scan_data_settings(recorded: dict[str, Any], data: str | None, **given: Any
     )
 
 
+def _refine_option(text: str) -> int | str:
+    """``--refine``: "auto" or a number of CG steps ≥ 0."""
+    value = text.strip().lower()
+    if value == "auto":
+        return "auto"
+    try:
+        steps = int(value)
+    except ValueError:
+        steps = -1
+    if steps < 0:
+        raise UserError(f"--refine takes 'auto' or a number of CG steps ≥ 0, got {text!r}")
+    return steps
+
+
 def _refine_batch(
     timer: _Timer,
     tok: Any,
@@ -121,31 +135,37 @@ def _refine_batch(
     settings: dict[str, Any],
     seqs: Sequences,
     data: str | None,
-    steps: int,
-    first: int | None,
+    refine: int | str,
+    sample: int | None,
 ) -> dict[str, Any] | None:
-    """The fit's sequences (the data the curvature describes), first ``first`` of them, for ``--refine``."""
-    if steps == 0:
-        if first is not None:
-            raise UserError("--refine-sequences needs --refine N (N ≥ 1 steps)")
+    """The fit's sequences (the data the curvature describes), which the refinement samples from."""
+    if refine == 0:
+        if sample is not None:
+            raise UserError("--refine-sequences sets the refinement sample; it needs --refine auto or N ≥ 1")
         return None
-    import torch
-
     from influencer.data import sequence_digest
 
     if data is None and settings.get("sequences") == record["data"].get("sequences"):
-        fit = seqs  # the scanned data is the fit's data
-    else:
-        with timer.stage("refinement data", "the fit's sequences"):
-            _, fit = _read_training(timer, tok, _scan_data_settings(record["data"], None))
-        if record["data"].get("digest") not in (None, sequence_digest(fit.batch)):
-            raise UserError(
-                f"the fit's training data at {record['data'].get('source')} changed since the fit (other "
-                "tokens), so --refine has no data the curvature describes"
-            )
-    n = int(fit.batch["input_ids"].shape[0])
-    take = n if first is None else min(first, n)
-    return {k: v[:take] if isinstance(v, torch.Tensor) else v for k, v in fit.batch.items()}
+        return seqs.batch  # the scanned data is the fit's data
+    with timer.stage("refinement data", "the fit's sequences"):
+        _, fit = _read_training(timer, tok, _scan_data_settings(record["data"], None))
+    if record["data"].get("digest") not in (None, sequence_digest(fit.batch)):
+        raise UserError(
+            f"the fit's training data at {record['data'].get('source')} changed since the fit (other "
+            "tokens), so the refinement has no data the curvature describes; pass --refine 0"
+        )
+    return fit.batch
+
+
+def _describe_plan(plan: Any) -> str:
+    from influencer.refine import cg_steps
+
+    if plan.steps == 0:
+        return f"none ({plan.reason}); the curvature's own answer"
+    return (
+        f"{cg_steps(plan.steps)} over {plan.sample} of the fit's sequences ({plan.reason}; predicted "
+        f"{100 * plan.predicted:.0f}% of the scan's cost, allowed {100 * plan.share:.0f}%)"
+    )
 
 
 def _short_layer(name: str, names: Sequence[str]) -> str:
@@ -260,22 +280,28 @@ def scan(
     keep_scores: bool = typer.Option(
         False, "--keep-scores", help="Also keep the full score matrix (queries × N).", rich_help_panel=_SCAN
     ),
-    refine: int = typer.Option(
-        0,
+    refine: str = typer.Option(
+        "auto",
         "--refine",
-        min=0,
-        show_default="0: off",
-        help="Refine each query by N steps of conjugate gradients on the full Gauss-Newton "
-        "matrix over the fit's sequences, preconditioned by the curvature (closer to "
-        "the exact influence; each step costs about one pass over them per query).",
+        help="Refine the queries by conjugate-gradient steps on the full Gauss-Newton matrix over a random sample "
+        "of the fit's sequences, preconditioned by the curvature: auto (steps and sample chosen so that it costs "
+        "at most the scan on small corpora, ≤ 10% of it from 100k sequences), N steps, or 0 for the paper's "
+        "plain estimate (its per-copy values are then not calibrated).",
         rich_help_panel=_SCAN,
     ),
     refine_sequences: int | None = typer.Option(
         None,
         "--refine-sequences",
         min=1,
-        show_default="all",
-        help="Refine on the first N of the fit's sequences.",
+        show_default="chosen by the cost model",
+        help="Refine over a sample of N of the fit's sequences.",
+        rich_help_panel=_SCAN,
+    ),
+    split_completion: bool = typer.Option(
+        False,
+        "--split-completion",
+        help="Split each query's log p and each shown hit's influence over the completion tokens (which token "
+        "drives the score; one more solve per completion token).",
         rich_help_panel=_SCAN,
     ),
     show: int = typer.Option(5, "--show", min=0, help="Hits printed per query.", rich_help_panel=_SCAN),
@@ -362,6 +388,7 @@ def scan(
     """
     fmt, text_unit, truncation = _value(fmt), _value(text_unit), _value(truncation)
     query_truncation, dtype = _value(query_truncation), _value(dtype)
+    refine_steps = _refine_option(refine)
     import influencer as inf
     from influencer.data import encode_queries, sequence_digest
     from influencer.io import atomic_write_json
@@ -435,7 +462,7 @@ def scan(
             _check_positions(net, seqs.batch, "training sequences", "--max-length")
             _check_positions(net, qbatch, "queries", "--query-max-length")
             candidates = None
-            refine_batch = _refine_batch(timer, tok, record, settings, seqs, data, refine, refine_sequences)
+            refine_batch = _refine_batch(timer, tok, record, settings, seqs, data, refine_steps, refine_sequences)
             if prefilter is not None and dist.is_main():  # rank 0 ranks the candidates, every rank scans them
                 from influencer.prefilter import BM25Index, completion_mask
 
@@ -465,12 +492,33 @@ def scan(
         partial = Path(where)
         if resumed:
             _say(console, f"resuming the unfinished scan in {partial}")
+        inverse, plan = curv, None
+        if refine_batch is not None:
+            import torch
+
+            from influencer.refine import default_inverse
+
+            n_scan = len(seqs) if candidates is None else int(torch.unique(torch.cat(list(candidates))).numel())
+            inverse, plan = default_inverse(
+                net,
+                task,
+                curv,
+                refine_batch,
+                refine=refine_steps,
+                n_queries=len(query_list),
+                n_scan=n_scan,
+                rank=rank or None,
+                sample=refine_sequences,
+                progress=True,
+            )
+            if plan is not None:
+                _say(console, f"refinement: {_describe_plan(plan)}")
         with timer.stage("influence", f"{len(query_list)} queries × {len(seqs)} sequences"):
             try:
                 result = inf.scan(
                     net,
                     task,
-                    curv,
+                    inverse,
                     qbatch,
                     seqs.batch,
                     rank=rank or None,
@@ -482,8 +530,7 @@ def scan(
                     out_dir=partial,
                     shard_size=shard_size,
                     n_train=n_train,
-                    refine_data=refine_batch,
-                    refine_iterations=refine or 10,
+                    refine=0,  # decided above, over the fit's sequences
                     progress=True,
                 )
             except ValueError as exc:
@@ -493,6 +540,17 @@ def scan(
                         "pass --overwrite to discard it"
                     ) from None
                 raise
+        if split_completion and show > 0:
+            from influencer.completion import completion_split
+
+            hits = {q: [h.index for h in result.top(q, show)] for q in range(result.n_queries)}
+            hits = {q: v for q, v in hits.items() if v}
+            with timer.stage("completion split", f"{sum(map(len, hits.values()))} hits"):
+                splits = completion_split(net, task, inverse, qbatch, seqs.batch, hits, batch_size=batch_size)
+            for sp in splits:
+                sp.texts = [tok.decode([t]) for t in sp.tokens]
+            result.meta["completion_split"] = {str(sp.query): sp.to_json() for sp in splits}
+            dist.run_collectively(lambda: result.save(partial))
         request = {
             "format": "influencer.scan-request",
             "version": 1,
@@ -511,8 +569,11 @@ def scan(
                 "keep_scores": keep_scores,
                 "batch_size": batch_size,
                 "shard_size": shard_size,
-                "refine": refine,
-                "refine_sequences": None if refine_batch is None else int(refine_batch["input_ids"].shape[0]),
+                "refine": refine_steps,
+                "refine_sequences": refine_sequences,
+                "refine_plan": None if plan is None else plan.to_dict(),
+                "split_completion": split_completion,
+                "inverse": inverse.describe(),
                 "n_train": result.n_train,
                 "device": device,
                 "resumed": resumed,
@@ -529,17 +590,12 @@ def scan(
         dist.run_collectively(publish)  # rank 0 writes; a failure fails every rank
         processes = dist.world_size()
     result.directory = run / SCAN
-    if _main_rank():
-        _print_hits(console, tok, result, query_list, seqs, show=show, per_layer=per_layer)
-    _say(
-        console,
-        f"per copy = influence / N with N = {result.n_train}: the predicted change of log p(completion) "
-        "in nats from adding one copy of the sequence",
-    )
-    if not refine and record["fit"]["strategy"] != "identity":
-        from influencer.refine import UNREFINED_SCALE_NOTE
+    from influencer.refine import calibrated, units_note
 
-        _say(console, UNREFINED_SCALE_NOTE)
+    nats = calibrated(inverse.describe())
+    if _main_rank():
+        _print_hits(console, tok, result, query_list, seqs, show=show, per_layer=per_layer, nats=nats)
+    _say(console, units_note(inverse.describe(), result.n_train))
     _say(console, f"wrote {run / SCAN}")
     _timing_table(console, timer, _timings_title("scan", processes))
 
@@ -553,6 +609,7 @@ def _print_hits(
     *,
     show: int,
     per_layer: bool,
+    nats: bool,
 ) -> None:
     from rich.table import Table
     from rich.text import Text
@@ -566,7 +623,7 @@ def _print_hits(
         table.add_column("seq", justify="right")
         table.add_column("source", overflow="fold")
         table.add_column("influence", justify="right")
-        table.add_column("per copy", justify="right")
+        table.add_column("per copy (nats)" if nats else "per copy (score)", justify="right")
         if per_layer:
             table.add_column("top layers")
         table.add_column("text (top tokens highlighted)", overflow="fold")
@@ -588,8 +645,31 @@ def _print_hits(
             row.append(snippet)
             table.add_row(*row)
         console.print(table)
+        split = (result.meta.get("completion_split") or {}).get(str(q))
+        if split is not None:
+            _print_split(console, split, [h.index for h in result.top(q, show)])
         stats = result.stats(q)
         _say(
             console,
             f"  scanned {int(stats['count'])} sequences: mean influence {stats['mean']:.3g}, std {stats['std']:.3g}",
         )
+
+
+def _print_split(console: Console, data: dict[str, Any], indices: list[int]) -> None:
+    """Per completion token: log p and its share of each shown hit's influence."""
+    from rich.table import Table
+
+    from influencer.completion import CompletionSplit
+
+    split = CompletionSplit.from_json(0, data)
+    shown = [i for i in indices if i in split.hits]
+    table = Table(title="  which completion token drives the score", title_justify="left", expand=False)
+    table.add_column("completion token")
+    table.add_column("log p", justify="right")
+    for i in shown:
+        table.add_column(f"share of seq {i}", justify="right")
+    texts = split.texts or [str(t) for t in split.tokens]
+    shares = {i: split.shares(i) for i in shown}
+    for c, text in enumerate(texts):
+        table.add_row(repr(text), f"{float(split.logp[c]):.3f}", *(f"{float(shares[i][c]):.0%}" for i in shown))
+    console.print(table)

@@ -5,6 +5,7 @@ from influencer.curvature.core import (
     STRATEGIES,
     Curvature,
     CurvatureMismatchError,
+    Inverse,
     LayerFactors,
     model_fingerprint,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "STRATEGIES",
     "Curvature",
     "CurvatureMismatchError",
+    "Inverse",
     "LayerFactors",
     "fit_curvature",
     "fit_partition",

@@ -15,7 +15,7 @@ import os
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -33,6 +33,27 @@ _MANIFEST = "manifest.json"
 
 class CurvatureMismatchError(ValueError):
     """Factors do not belong to the model they are used with."""
+
+
+@runtime_checkable
+class Inverse(Protocol):
+    """A damped inverse (G + λ)⁻¹ on per-layer gradient matrices: what the query side takes.
+
+    Implemented by :class:`Curvature` (block-diagonal: the paper's estimator) and by
+    :class:`influencer.refine.RefinedInverse` (iterative solve on the full damped Gauss-Newton matrix,
+    preconditioned by a curvature). ``curvature`` is the block-diagonal estimate it rests on (tracked layers,
+    damping, N for per-copy units); ``describe()`` says what it is, as JSON, for the records of every store
+    and scan built on it.
+    """
+
+    @property
+    def curvature(self) -> Curvature: ...
+
+    def solve(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """x = (G + λ)⁻¹ v for v = ``grads`` (name → [Q, d_out, w], every tracked layer): the same shapes."""
+        ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -125,6 +146,20 @@ class Curvature:
             return v * inv
         qs, qa = self._basis(name, v.dtype, v.device)
         return from_eigenbasis(to_eigenbasis(v, qs, qa) * inv, qs, qa)
+
+    # --- the Inverse protocol ---------------------------------------------------------------------------
+    @property
+    def curvature(self) -> Curvature:
+        """Itself: a curvature is the block-diagonal inverse it describes."""
+        return self
+
+    def solve(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """(G_l + λ_l)⁻¹ V_l for every layer of ``grads`` (name → [..., d_out, w])."""
+        return {name: self.precondition(name, v) for name, v in grads.items()}
+
+    def describe(self) -> dict[str, Any]:
+        """What this inverse is, as JSON (see :class:`Inverse`)."""
+        return {"inverse": "curvature", "strategy": self.strategy, "steps": 0}
 
     def quadratic_form(self, name: str, g: torch.Tensor) -> torch.Tensor:
         """⟨G, (G_l + λ_l)⁻¹ G⟩ for G [B, d_out, w] → [B]."""

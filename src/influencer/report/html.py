@@ -80,6 +80,7 @@ def render_report(
     """The page of :func:`write_report` as a string."""
     jinja2 = require("jinja2")
     from influencer.analysis.tails import query_tail_stats
+    from influencer.refine import calibrated
 
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("influencer.report", "templates"),
@@ -102,6 +103,7 @@ def render_report(
         "prefiltered": bool(meta.get("prefiltered")),
         "summary": _summary(result, full is not None),
         "queries": pages,
+        "nats": calibrated(meta.get("inverse")),
     }
     return env.get_template("report.html.j2").render(**context)
 
@@ -131,17 +133,19 @@ def _summary(result: ScanResult, full: bool) -> list[tuple[str, str]]:
         ("N for per-copy values", str(result.n_train)),
         ("tracked layers", f"{len(result.layer_names)}"),
         ("query rank", "exact" if meta.get("rank") is None else str(meta.get("rank"))),
-        ("query refinement", _refinement(meta.get("refine"))),
+        ("query refinement", _refinement(meta.get("inverse"))),
         ("full scores kept", "yes" if full else "no (tail statistics from running totals and hits)"),
         ("token scores", "yes" if result.token_scores else "no"),
     ]
     return rows
 
 
-def _refinement(refine: Any) -> str:
-    if not refine:
-        return "none (the curvature's own answer: rank by it, sizes may be far off; docs/VALIDATION.md §5.1)"
-    return f"{refine['iterations']} CG steps over {refine['data_size']} training examples"
+def _refinement(inverse: Any) -> str:
+    from influencer.refine import cg_steps
+
+    if not inverse or inverse.get("inverse") != "refined":
+        return "none (the curvature's own answer: rank by it, its sizes are a score, not nats; docs/VALIDATION.md §9)"
+    return f"{cg_steps(inverse['steps'])} over {inverse['data_size']} training sequences (per-copy values in nats)"
 
 
 def _token_spans(tokens: Sequence[str], values: Sequence[float]) -> list[dict[str, str]]:
@@ -294,4 +298,23 @@ def _query_view(
     }
     if row is not None:
         view["tail_plot"] = _png(plot_tail(row, stats.fit, title=f"query {q}: sorted influence"))
+    view["completion_split"] = _completion_view(result, q, [h.index for h in hits][:HEATMAP_HITS])
     return view
+
+
+def _completion_view(result: ScanResult, q: int, indices: list[int]) -> dict[str, Any] | None:
+    """Rows (token, log p, share of each top hit's influence) when the scan split its completion."""
+    from influencer.completion import CompletionSplit
+
+    data = (result.meta.get("completion_split") or {}).get(str(q))
+    if data is None:
+        return None
+    split = CompletionSplit.from_json(q, data)
+    shown = [i for i in indices if i in split.hits]
+    texts = split.texts or [f"token {t}" for t in split.tokens]
+    shares = {i: split.shares(i).tolist() for i in shown}
+    rows = [
+        {"text": texts[c], "logp": _num(float(split.logp[c]), ".3f"), "shares": [f"{shares[i][c]:.0%}" for i in shown]}
+        for c in range(len(split.positions))
+    ]
+    return {"hits": shown, "rows": rows}

@@ -13,7 +13,8 @@ score I(q, z) = −xᵀ ∇L(z) (DESIGN.md §1 sign: positive = adding z makes f
 - :func:`~influencer.refine.conjugate_gradients` with :func:`~influencer.refine.curvature_preconditioner`
   (re-exported here): a few steps of CG on the full damped GNH, preconditioned by the engine's block-diagonal
   EK-FAC inverse (the idea of Wang et al. 2025, "ASTRA", with CG in place of their Neumann series): it starts
-  from the EK-FAC answer and corrects it with full-GNH products. The engine offers it as ``refine_queries``.
+  from the EK-FAC answer and corrects it with full-GNH products. The engine offers it as
+  :class:`~influencer.refine.RefinedInverse`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,75 @@
+"""The leave-one-in correction: a training sequence's influence, damped by its own curvature.
+
+The damped curvature of influence, G + λ with G = (1/N) Σ_n G_n, contains every training sequence's own
+Gauss-Newton term G_z = J_zᵀ H_z J_z at weight 1/N. For a sequence that is the only source of its features (a
+fact stated once, an outlier), that term is most of the curvature along its own gradient g = ∇L(z), and an
+inverse that misses it — a refinement over a random sample that does not contain z, or EK-FAC, whose
+Kronecker eigenbasis spreads it thin — overstates z's influence by orders of magnitude (docs/VALIDATION.md §9).
+
+Writing A = R + G_z/N and keeping only z's own term along g (G_z ≈ c_z u uᵀ, u = g/‖g‖), Sherman–Morrison gives
+
+    I(q, z) = −∇f_qᵀ A⁻¹ g ≈ I_R(q, z) / (1 + (c_z / N) · s_z),
+
+c_z = gᵀ G_z g / ‖g‖² (z's own curvature along its gradient: one forward-mode pass over z) and
+s_z = gᵀ R⁻¹ g / ‖g‖², here with R⁻¹ ≈ the curvature's block-diagonal inverse (its self-influence quadratic form).
+The factor depends on z only, so it rescales a hit's score for every query, and its per-layer and per-token
+parts alike (they still sum to the total).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from influencer.curvature.core import Curvature
+from influencer.curvature.linalg import per_example_grads
+from influencer.functional import FlatModel, output_hessian_product
+from influencer.passes import amp_aware, compute_dtype, eval_mode, layer_io
+from influencer.tasks import Task
+
+__all__ = ["own_curvature", "self_correction"]
+
+
+@torch.no_grad()
+def own_curvature(fm: FlatModel, example: Any, g: torch.Tensor) -> float:
+    """c = gᵀ G_z g / ‖g‖² for one collated example z and a flat direction g [P] (forward mode, closed-form H)."""
+    theta = fm.theta0
+
+    def f(th: torch.Tensor) -> torch.Tensor:
+        return fm.outputs(th, example)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        out, jg = jvp(f, (theta,), (g.to(theta.dtype),))
+    hjg = output_hessian_product(fm.task, out.detach(), example, jg[None])[0]
+    gg = float((g.to(torch.float64) ** 2).sum())
+    return float((jg.to(torch.float64) * hjg.to(torch.float64)).sum()) / gg if gg > 0 else 0.0
+
+
+@amp_aware
+def self_correction(
+    model: nn.Module, task: Task, curvature: Curvature, train: Any, indices: list[int], *, n_train: int
+) -> dict[int, dict[str, float]]:
+    """For each training index: ``c`` (own curvature along its gradient), ``s`` (gᵀK⁻¹g/‖g‖² with the curvature's
+    inverse K⁻¹) and ``factor`` = 1 / (1 + c·s / n_train), the leave-one-in rescaling of its influence."""
+    layers = curvature.bind(model, check_weights=False)
+    fm = FlatModel(model, task, [x.name for x in layers])
+    dataset = task.as_dataset(train)
+    dtype = compute_dtype(model)
+    out: dict[int, dict[str, float]] = {}
+    with eval_mode(model):
+        for i in indices:
+            batch = task.collate([dataset[int(i)]])
+            io = layer_io(model, task, layers, batch, torch.tensor([int(i)]), loss="train")
+            grads = {name: per_example_grads(x.a.to(dtype), x.g.to(dtype)) for name, x in io.items()}
+            gg = sum(float((m.to(torch.float64) ** 2).sum()) for m in grads.values())
+            if gg == 0:
+                out[int(i)] = {"c": 0.0, "s": 0.0, "factor": 1.0}
+                continue
+            s = sum(float(curvature.quadratic_form(name, m).sum()) for name, m in grads.items()) / gg
+            c = own_curvature(fm, fm.to(batch), fm.flat(grads)[0])
+            out[int(i)] = {"c": c, "s": s, "factor": 1.0 / (1.0 + c * s / n_train)}
+    return out
