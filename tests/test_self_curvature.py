@@ -65,3 +65,47 @@ def test_self_correction_uses_the_curvatures_quadratic_form() -> None:
         assert out[i]["s"] == pytest.approx(float(self_inf[i]) / float(grads[i] @ grads[i]), rel=1e-6)
         assert out[i]["factor"] == pytest.approx(1 / (1 + out[i]["c"] * out[i]["s"] / 24))
         assert 0 < out[i]["factor"] <= 1 and out[i]["c"] >= 0
+
+
+def test_scan_rescales_its_hits_by_their_leave_one_in_factors() -> None:
+    from influencer.refine import RefinedInverse, sample_rows
+    from influencer.scan import POOL
+    from influencer.self_curvature import hit_factors
+
+    model, task, _train, queries = SETUPS["llama-causal-lm"]
+    train = zoo.token_data(64, t=6, seed=7)
+    queries = {k: v[:2] for k, v in queries.items()}
+    curv = inf.fit_curvature(model, task, train, layers="all", progress=False)
+    kw = {"rank": None, "keep_scores": True, "progress": False, "top_k": 4, "refine": 2}
+    raw = inf.scan(model, task, curv, queries, train, self_correct=False, **kw)
+    fixed = inf.scan(model, task, curv, queries, train, **kw)  # on by default for the refined (default) path
+    assert raw.meta["self_correction"] is None
+    factors = {int(i): f for i, f in fixed.meta["self_correction"]["factors"].items()}
+    assert fixed.meta["self_correction"]["pool"] == POOL * 4
+    scores = raw.scores  # uncorrected, the same in both (result.scores is never corrected)
+    assert torch.equal(fixed.scores, scores)
+    inverse = RefinedInverse(
+        model, task, curv, take_rows(train, sample_rows(64, fixed.meta["inverse"]["data_size"], 0)), steps=2
+    )
+    assert factors == pytest.approx(hit_factors(model, task, inverse, train, sorted(factors), n_train=64))
+    for q in range(2):
+        # the kept hits are the pool's best after the correction, with their corrected scores and parts
+        pool = [i for i in factors if i in set(scores[q].topk(POOL * 4).indices.tolist())]
+        corrected = {i: float(scores[q, i]) * factors[i] for i in pool}
+        best = sorted(corrected, key=lambda i: -corrected[i])[:4]
+        hits = fixed.top(q)
+        assert [h.index for h in hits] == best
+        for h in hits:
+            assert h.score == pytest.approx(corrected[h.index], rel=1e-9)
+            assert float(h.tokens.sum()) == pytest.approx(h.score, rel=1e-9)
+            assert sum(h.layers.values()) == pytest.approx(h.score, rel=1e-9)
+    # a sequence inside the refinement sample keeps (1 + c s / M) of its own term, one outside gets 1 / (1 + c s / N)
+    m = fixed.meta["inverse"]["data_size"]
+    sample = set(sample_rows(64, m, 0).tolist())
+    raw_cs = self_correction(model, task, curv, train, sorted(factors), n_train=64)
+    for i, f in factors.items():
+        cs = raw_cs[i]["c"] * raw_cs[i]["s"]
+        expected = (1 + cs / m) / (1 + cs / 64) if i in sample else 1 / (1 + cs / 64)
+        assert f == pytest.approx(expected, rel=1e-9)
+    plain = inf.scan(model, task, curv, queries, train, **{**kw, "refine": 0})
+    assert plain.meta["self_correction"] is None  # the paper's plain estimate stays as it is

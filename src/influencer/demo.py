@@ -22,7 +22,7 @@ import torch
 import influencer as inf
 from influencer.data import kjv_verses, tokenize_queries, tokenize_texts
 from influencer.models import load_model
-from influencer.refine import calibrated, cg_steps, units_note
+from influencer.refine import calibrated, cg_steps, correction_note, units_note
 
 DEFAULT_LAYERS = r"model\.layers\.[0-5]\.mlp\."
 MODEL_NAME = "SmolLM2-135M-Instruct (de-quantized from a 4-bit GGUF)"
@@ -139,11 +139,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {rank}. {citations[hit.index]:<18} I = {hit.score:11.4g}  per copy = {hit.per_copy:+.3g} {unit}")
             print(f"     {_highlight(tok, train['input_ids'][hit.index], hit.tokens)}")
         if source is not None:
-            print("  " + _source_rank(q, citations.index(source), source, scores))
+            print("  " + _source_rank(result, q, citations.index(source), source, scores))
         print()
     paris = len(QUERIES) - 1
     _print_completion_split(model, task, result, curv, queries, train, paris, tok, citations, refine)
     print(textwrap.fill(units_note(inverse, result.n_train), 110, break_on_hyphens=False))
+    if (note := correction_note(result.meta)) is not None:
+        print(textwrap.fill(note, 110, break_on_hyphens=False))
     print("[brackets] mark the 3 tokens with the largest tokenwise influence (the token before a predicted one).")
     report = _write_report(
         result, tok, train, verses, Path(args.out) / "report.html", top=max(args.top, 5), n_fit=len(fit_rows)
@@ -190,10 +192,13 @@ def _print_completion_split(
     print()
 
 
-def _source_rank(q: int, i: int, source: str, scores: torch.Tensor) -> str:
-    """Where the query's source verse ranks among all scanned verses."""
+def _source_rank(result: inf.ScanResult, q: int, i: int, source: str, scores: torch.Tensor) -> str:
+    """Where the query's source verse ranks among all scanned verses (among the corrected hits when it is one)."""
+    hits = [h.index for h in result.top(q)]
+    if i in hits:
+        return f"source verse {source} ranks #{hits.index(i) + 1} of the {scores.shape[1]} verses scanned"
     rank = int((scores[q] > scores[q, i]).sum()) + 1
-    return f"source verse {source} ranks #{rank} of the {scores.shape[1]} verses scanned"
+    return f"source verse {source} is not among the top {len(hits)}; it ranks #{rank} by the uncorrected scores"
 
 
 def _write_report(

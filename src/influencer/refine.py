@@ -60,6 +60,19 @@ def calibrated(described: dict[str, Any] | None) -> bool:
     return bool(described) and described.get("inverse") == "refined" and int(described.get("steps", 0)) >= 1  # type: ignore[union-attr]
 
 
+def correction_note(meta: dict[str, Any]) -> str | None:
+    """One line on the leave-one-in correction of a scan's hits (None when it did not run)."""
+    sc = meta.get("self_correction")
+    if not sc:
+        return None
+    f = [float(v) for v in sc["factors"].values()]
+    span = f" (factors {min(f):.2g}-{max(f):.2g})" if f else ""
+    return (
+        f"hits rescaled by their own curvature (leave-one-in, re-ranked among {sc['pool']} candidates per list)"
+        f"{span}; full scores and totals are not"
+    )
+
+
 def units_note(described: dict[str, Any] | None, n_train: int) -> str:
     """One line on what the per-copy values of a result built on this inverse mean (CLI, report, demo)."""
     if calibrated(described):

@@ -34,6 +34,8 @@ from influencer.refine import default_inverse
 from influencer.tasks import Task
 
 BANDS = ("lower", "middle", "upper")
+#: candidates per kept list re-ranked by the leave-one-in correction, as a multiple of top_k
+POOL = 3
 SPURIOUS_RATIO = 2 / 3
 #: extra memory the scan may spend on dense copies of rank-k queries to use the cheaper contraction order
 DEFAULT_DENSE_BUDGET = 1 << 30
@@ -428,6 +430,7 @@ def scan(
     dense_budget: int = DEFAULT_DENSE_BUDGET,
     refine: int | str = "auto",
     refine_seed: int = 0,
+    self_correct: bool | None = None,
     progress: bool = True,
 ) -> ScanResult:
     """Score every training sequence against every query in one pass; returns a :class:`ScanResult`.
@@ -449,6 +452,10 @@ def scan(
         partitions of a training set into the result of one scan (every partition refines on the same sample).
     contraction: force "tokens" or "materialize" (default: the cost model decides per layer).
     store: a ready :class:`~influencer.queries.QueryStore`, used as built (``refine`` does not apply).
+    self_correct: rescale the hits by their leave-one-in factor (:mod:`influencer.self_curvature`: each hit's own
+        curvature, which an inverse refined over a sample misses), re-ranking a pool of :data:`POOL` × ``top_k``
+        candidates per list. None (default): on for a refined inverse, off for the plain curvature. The running
+        totals and ``result.scores`` stay uncorrected; ``meta["self_correction"]`` holds the factors.
 
     Inside a torch.distributed process group rank 0 builds the query store and broadcasts it, the shards are
     spread over the ranks, and every rank returns the same merged result (rank 0 writes ``out_dir``).
@@ -498,6 +505,7 @@ def scan(
             dense_budget=dense_budget,
             refine=refine,
             refine_seed=refine_seed,
+            self_correct=self_correct,
             progress=progress,
         )
 
@@ -604,6 +612,7 @@ def _scan(
     dense_budget: int,
     refine: int | str,
     refine_seed: int,
+    self_correct: bool | None,
     progress: bool,
 ) -> ScanResult:
     n = len(dataset)
@@ -628,6 +637,9 @@ def _scan(
     store = _resident_store(
         model, task, inverse, queries, store, rank, out, query_digest, progress, batch_size=batch_size
     )
+    described = store.meta.get("inverse") or {}
+    correct = described.get("inverse") == "refined" if self_correct is None else bool(self_correct)
+    wanted_k, top_k = top_k, (POOL * top_k if correct else top_k)  # a pool to re-rank after the correction
     q = store.n_queries
     lo, hi = data_range
     order = order[(order >= lo) & (order < hi)]
@@ -652,6 +664,7 @@ def _scan(
         "damping": [f.damping for f in curvature.layers.values()],
         "candidates": hashlib.sha256(order.numpy().tobytes()).hexdigest(),
         "inverse": store.meta.get("inverse"),
+        "self_correct": top_k if correct else None,
     }
     if data_range != (0, n):
         config["data_range"] = list(data_range)
@@ -714,10 +727,20 @@ def _scan(
                 shard_state.scores = []  # full scores stay on disk, in the shard files
             state.merge(shard_state)
     state = _gather_state(state, q, top_k, len(layers), dtype)
+    n_units = curvature.n_train if n_train is None else int(n_train)
+    factors: dict[int, float] = {}
+    if correct:
+        from influencer.self_curvature import hit_factors
+
+        pool = sorted(
+            {int(i) for t in (state.top, state.bottom, *state.bands.values()) for i in t.indices.flatten()} - {-1}
+        )
+        factors = hit_factors(model, task, inverse, train, pool, n_train=n_units)
+        state = _rescale_hits(state, factors, wanted_k)
     result = ScanResult(
         state,
         [x.name for x in layers],
-        curvature.n_train if n_train is None else int(n_train),
+        n_units,
         len(order),
         meta={
             "rank": store.rank,
@@ -727,10 +750,11 @@ def _scan(
             "keep_scores": keep_scores,
             "store": store.memory_report(),
             "query_digest": query_digest,
-            "top_k": top_k,
+            "top_k": wanted_k,
             "data_range": list(data_range),
             "inverse": store.meta.get("inverse"),
             "refine_plan": None if plan is None else plan.to_dict(),
+            "self_correction": {"pool": top_k, "factors": {str(i): f for i, f in factors.items()}} if correct else None,
         },
     )
     result.directory = out
@@ -738,6 +762,8 @@ def _scan(
         attribute_tokens(
             model, task, store, layers, dataset, result, batch_size=batch_size, progress=progress and dist.is_main()
         )
+        for (qi, i), v in result.token_scores.items():  # tokens still sum to the (corrected) score
+            result.token_scores[(qi, i)] = v * factors.get(i, 1.0)
     if out is not None and progress_file is not None:
         n_shards = len(shards)
 
@@ -747,6 +773,22 @@ def _scan(
 
         dist.run_collectively(commit)
     return result
+
+
+def _rescale_hits(state: _State, factors: dict[int, float], k: int) -> _State:
+    """Every kept list with each hit's score (and its layer parts) times its factor, re-ranked, cut to k."""
+    out = _State.empty(state.count.shape[0], k, state.top.layers.shape[-1], state.top.values.dtype)
+    out.count, out.total, out.positive, out.squares = state.count, state.total, state.positive, state.squares
+    out.scores = state.scores
+    for mine, theirs, largest in (
+        (out.top, state.top, True),
+        (out.bottom, state.bottom, False),
+        *((out.bands[b], state.bands[b], True) for b in BANDS),
+    ):
+        rows = [[factors.get(int(i), 1.0) for i in row] for row in theirs.indices.tolist()]
+        f = torch.tensor(rows, dtype=torch.float64).to(theirs.values.dtype)
+        mine.update(theirs.values * f, theirs.indices, theirs.layers * f[..., None], largest)
+    return out
 
 
 def _digest(task: Task, data: Any, queries: bool = True) -> str:

@@ -18,6 +18,7 @@ parts alike (they still sum to the total).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -25,13 +26,13 @@ from torch import nn
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from influencer.curvature.core import Curvature
+from influencer.curvature.core import Curvature, Inverse
 from influencer.curvature.linalg import per_example_grads
 from influencer.functional import FlatModel, output_hessian_product
 from influencer.passes import amp_aware, compute_dtype, eval_mode, layer_io
 from influencer.tasks import Task
 
-__all__ = ["own_curvature", "self_correction"]
+__all__ = ["hit_factors", "own_curvature", "self_correction"]
 
 
 @torch.no_grad()
@@ -72,4 +73,34 @@ def self_correction(
             s = sum(float(curvature.quadratic_form(name, m).sum()) for name, m in grads.items()) / gg
             c = own_curvature(fm, fm.to(batch), fm.flat(grads)[0])
             out[int(i)] = {"c": c, "s": s, "factor": 1.0 / (1.0 + c * s / n_train)}
+    return out
+
+
+def _example_key(example: Any) -> bytes:
+    parts = example.values() if isinstance(example, dict) else example
+    h = hashlib.sha256()
+    for t in parts:
+        h.update(torch.as_tensor(t).detach().cpu().contiguous().numpy().tobytes())
+    return h.digest()
+
+
+def hit_factors(
+    model: nn.Module, task: Task, inverse: Inverse, train: Any, indices: list[int], *, n_train: int
+) -> dict[int, float]:
+    """The leave-one-in factor of each training index for scores made with ``inverse``: 1 / (1 + c s / N) restores
+    a sequence's own curvature at its weight 1/N; a sequence inside a refined inverse's sample already carries it at
+    weight 1/sample, so its factor is (1 + c s / sample) / (1 + c s / N)."""
+    curvature = inverse.curvature
+    raw = self_correction(model, task, curvature, train, indices, n_train=n_train)
+    sample = getattr(inverse, "data", None)
+    keys: set[bytes] = set()
+    if sample is not None and inverse.describe().get("inverse") == "refined":
+        ds = task.as_dataset(sample)
+        keys = {_example_key(ds[i]) for i in range(len(ds))}  # type: ignore[arg-type]
+    dataset = task.as_dataset(train)
+    out = {}
+    for i, r in raw.items():
+        cs = r["c"] * r["s"]
+        inside = cs / len(keys) if keys and _example_key(dataset[i]) in keys else 0.0
+        out[i] = (1.0 + inside) / (1.0 + cs / n_train)
     return out

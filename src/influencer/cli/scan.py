@@ -590,12 +590,14 @@ def scan(
         dist.run_collectively(publish)  # rank 0 writes; a failure fails every rank
         processes = dist.world_size()
     result.directory = run / SCAN
-    from influencer.refine import calibrated, units_note
+    from influencer.refine import calibrated, correction_note, units_note
 
     nats = calibrated(inverse.describe())
     if _main_rank():
         _print_hits(console, tok, result, query_list, seqs, show=show, per_layer=per_layer, nats=nats)
     _say(console, units_note(inverse.describe(), result.n_train))
+    if (note := correction_note(result.meta)) is not None:
+        _say(console, note)
     _say(console, f"wrote {run / SCAN}")
     _timing_table(console, timer, _timings_title("scan", processes))
 

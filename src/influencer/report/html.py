@@ -126,6 +126,8 @@ def _png(fig: Any) -> str:
 
 
 def _summary(result: ScanResult, full: bool) -> list[tuple[str, str]]:
+    from influencer.refine import correction_note
+
     meta = result.meta
     rows = [
         ("queries", str(result.n_queries)),
@@ -134,6 +136,7 @@ def _summary(result: ScanResult, full: bool) -> list[tuple[str, str]]:
         ("tracked layers", f"{len(result.layer_names)}"),
         ("query rank", "exact" if meta.get("rank") is None else str(meta.get("rank"))),
         ("query refinement", _refinement(meta.get("inverse"))),
+        ("leave-one-in correction of the hits", correction_note(meta) or "none"),
         ("full scores kept", "yes" if full else "no (tail statistics from running totals and hits)"),
         ("token scores", "yes" if result.token_scores else "no"),
     ]

@@ -1,0 +1,210 @@
+"""Units you can believe? Predicted per-copy Δ log p against the PBRF response on the fine-tuned SmolLM2.
+
+For a few training sequences z (facts' own sentences of ``factkit.py``) this script solves the proximal Bregman
+response function (paper §2.1, Eq. 7–9) of adding one copy of z, ε = 1/N, over the tracked layers:
+
+    θ(ε) = argmin_θ  (1/N) Σ_i D_KL(p(θ_s, x_i) ‖ p(θ, x_i)) + ε L(z, θ) + (λ_l/2) ‖θ − θ_s‖²,
+
+with Adam (as in the paper's language-model validation, §5.1) in the rescaled variable u = (θ − θ_s)/ε and the
+Bregman term estimated on a random minibatch of the corpus at every step (an unbiased estimate of the full sum;
+Polyak averaging of the last quarter of the iterates). The actual Δ log p of each query is f_q(θ_s + ε u) − f_q(θ_s).
+Predictions, per copy (I / N): the paper's plain EK-FAC, the default path of ``scan`` (the refined inverse its cost
+model plans for these queries over the corpus), and both with the leave-one-in factor of
+:mod:`influencer.self_curvature`. Queries per z: its fact's own wording, paraphrase and reversed form, and the
+own wording of an unrelated fact.
+
+    .venv/bin/python benchmarks/calibrate_units.py [--facts 0,12,24,36,6] [--steps 300] [--minibatch 4]
+
+Writes benchmarks/out/calibration/<run>/results.json and table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import influencer as inf
+from influencer.curvature.linalg import per_example_grads
+from influencer.functional import FlatModel
+from influencer.io import atomic_write_json
+from influencer.passes import layer_io
+from influencer.refine import default_inverse
+from influencer.self_curvature import self_correction
+from influencer.tasks import take_rows
+
+from bench_facts import LAYERS, fitted
+from factdata import FACTS
+from factkit import fact_model
+
+
+def pbrf_response(
+    fm: FlatModel,
+    train: Any,
+    z: Any,
+    damping: torch.Tensor,
+    epsilon: float,
+    *,
+    steps: int,
+    minibatch: int,
+    lr: float,
+    seed: int,
+) -> tuple[torch.Tensor, list[float]]:
+    """u* of the rescaled PBRF objective by Adam with a minibatch Bregman term; returns (Polyak-averaged u, the
+    gradient-norm history)."""
+    n = len(fm.task.as_dataset(train))
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.zeros_like(fm.theta0, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=lr, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    avg, count, norms = torch.zeros_like(fm.theta0), 0, []
+    zb = fm.batches(z, 1)[0][1]
+    for step in range(steps):
+        rows = torch.randint(0, n, (minibatch,), generator=gen)
+        (_, b) = fm.batches(take_rows(train, rows), minibatch)[0]
+        with torch.no_grad():
+            ref = fm.outputs(fm.theta0, b)
+        theta = fm.theta0 + epsilon * u
+        bregman = fm.bregman(fm.outputs(theta, b), ref, b).mean()
+        loss = fm.train_loss(theta, zb).sum()
+        total = (bregman + epsilon * loss + 0.5 * epsilon**2 * (damping * u.pow(2)).sum()) / epsilon**2
+        opt.zero_grad()
+        total.backward()
+        norms.append(float(u.grad.norm()))
+        opt.step()
+        sched.step()
+        if step >= steps - steps // 4:
+            avg += u.detach()
+            count += 1
+    return avg / max(count, 1), norms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--facts", default="0,12,24,36,6")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--minibatch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=None, help="Adam step in u (default: from the first gradient)")
+    parser.add_argument("--layers", default=LAYERS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/out/calibration")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    setup = fact_model()
+    model, tok = setup.model, setup.tokenizer
+    task = inf.CausalLM(pad_token_id=tok.pad_token_id)
+    curv, _ = fitted(setup, task, args.layers, "ekfac", 16)
+    layers = curv.bind(model)
+    fm = FlatModel(model, task, curv.layer_names)
+    damping = fm.damping_vector({n: f.damping for n, f in curv.layers.items()})
+    n = len(setup.docs)
+    eps = 1.0 / n
+    facts = [int(f) for f in args.facts.split(",")]
+    pairs = []  # (fact of z, query form, query fact)
+    for f in facts:
+        other = (f + 24) % len(FACTS)
+        pairs += [(f, "own", f), (f, "paraphrase", f), (f, "reversed", f), (f, "own", other)]
+    prompts = [getattr(FACTS[qf], form)[0] for _, form, qf in pairs]
+    completions = [getattr(FACTS[qf], form)[1] for _, form, qf in pairs]
+    from influencer.data import tokenize_queries
+
+    queries = tokenize_queries(tok, prompts, completions)
+    qbatch = fm.batches(queries, len(prompts), queries=True)[0][1]
+    with torch.no_grad():
+        f0 = fm.measurement(fm.theta0, qbatch)
+    rows = [setup.fact_rows[f] for f in facts]
+    # predictions: plain EK-FAC and the default path (as scan would plan it for these queries over the corpus)
+    plain = inf.pairwise_scores(model, task, curv, queries, take_rows(setup.train, rows), progress=False).total
+    default, plan = default_inverse(
+        model, task, curv, setup.train, refine="auto", n_queries=len(prompts), n_scan=n, rank=32
+    )
+    refined = inf.pairwise_scores(model, task, default, queries, take_rows(setup.train, rows), progress=False).total
+    factors = self_correction(model, task, curv, setup.train, rows, n_train=n)
+    for p in model.parameters():  # the PBRF differentiates θ only through the rescaled u
+        p.requires_grad_(False)
+    results: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "n": n,
+        "epsilon": eps,
+        "default": default.describe(),
+        "plan": None if plan is None else plan.to_dict(),
+        "pairs": [],
+    }
+    for j, f in enumerate(facts):
+        t0 = time.perf_counter()
+        z = take_rows(setup.train, [rows[j]])
+        lr = args.lr
+        if lr is None:  # a step of about 1 % of the rescaled solution's RMS coordinate, |u*| ~ |K⁻¹ ∇L(z)|
+            io = layer_io(model, task, layers, task.collate([task.as_dataset(z)[0]]), torch.tensor([0]))
+            g = {k: per_example_grads(x.a, x.g) for k, x in io.items()}
+            k_inv_g = fm.flat(curv.solve(g))
+            lr = 0.05 * float(k_inv_g.norm()) / math.sqrt(k_inv_g.numel())
+        u, norms = pbrf_response(
+            fm, setup.train, z, damping, eps, steps=args.steps, minibatch=args.minibatch, lr=lr, seed=j
+        )
+        with torch.no_grad():
+            f1 = fm.measurement(fm.theta0 + eps * u.to(fm.theta0.dtype), qbatch)
+        factor = factors[rows[j]]["factor"]
+        for p, (pf, form, qf) in enumerate(pairs):
+            if pf != f:
+                continue
+            actual = float(f1[p] - f0[p])
+            row = {
+                "z_fact": f,
+                "form": form,
+                "query_fact": qf,
+                "actual": actual,
+                "logp": float(f0[p]),
+                "ekfac": float(plain[p, j]) / n,
+                "default": float(refined[p, j]) / n,
+                "factor": factor,
+            }
+            row["ekfac+self"] = row["ekfac"] * factor
+            row["default+self"] = row["default"] * factor
+            results["pairs"].append(row)
+            print(
+                f"z=fact {f} q={form:10s}(fact {qf:2d}) actual {actual:+.4g}  ekfac {row['ekfac']:+.4g}  default "
+                f"{row['default']:+.4g}  ×{factor:.3g} → {row['ekfac+self']:+.4g} / {row['default+self']:+.4g}",
+                flush=True,
+            )
+        print(f"  solve: {time.perf_counter() - t0:.0f}s, |∇J| {norms[0]:.3g} → {norms[-1]:.3g}", flush=True)
+    out = Path(args.out) / setup.folder.name
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    table = render(results)
+    (out / "table.md").write_text(table)
+    print(table)
+
+
+def render(results: dict[str, Any]) -> str:
+    methods = ("ekfac", "default", "ekfac+self", "default+self")
+    lines = [
+        f"`{results['command']}` — N = {results['n']}, ε = 1/N",
+        "",
+        "| z | query | log p | actual Δ (PBRF) | " + " | ".join(methods) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(methods),
+    ]
+    for r in results["pairs"]:
+        lines.append(
+            f"| fact {r['z_fact']} | {r['form']} (fact {r['query_fact']}) | {r['logp']:.2f} | {r['actual']:+.3g} | "
+            + " | ".join(f"{r[m]:+.3g}" for m in methods)
+            + " |"
+        )
+    lines.append("")
+    lines.append("| method | median predicted / actual | pairs with the sign of the actual |")
+    lines.append("|---|---:|---:|")
+    for m in methods:
+        ratios = [r[m] / r["actual"] for r in results["pairs"] if r["actual"] != 0]
+        signs = sum((r[m] > 0) == (r["actual"] > 0) for r in results["pairs"])
+        lines.append(f"| {m} | {statistics.median(ratios):.3g} | {signs}/{len(results['pairs'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
