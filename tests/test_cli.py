@@ -367,7 +367,8 @@ def test_scan_refine_matches_the_library(ws, tmp_path):
 
 def test_scan_default_path_refines_one_query_and_splits_its_completion(ws, tmp_path):
     from influencer.completion import completion_split
-    from influencer.refine import cg_steps, default_inverse
+    from influencer.refine import default_inverse
+    from influencer.units import cg_steps
 
     run = tmp_path / "run"
     _copy(ws.run, run)

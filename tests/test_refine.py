@@ -15,14 +15,13 @@ from influencer.refine import (
     LARGE_SHARE,
     SMALL,
     RefinedInverse,
-    calibrated,
     default_inverse,
     plan_refinement,
     refinement_share,
     sample_rows,
-    units_note,
 )
 from influencer.tasks import take_rows
+from influencer.units import calibrated, units_note
 
 
 def _ekfac(setup: str) -> tuple:

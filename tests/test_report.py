@@ -23,8 +23,8 @@ import influencer as inf
 import influencer.analysis.tails
 import influencer.report.html
 from influencer.analysis import query_tail_stats, tail_stats
-from influencer.refine import cg_steps
 from influencer.report import write_report
+from influencer.units import cg_steps
 
 HOSTILE = "<script>alert(1)</script>"
 QUOTES = "\"&'"

@@ -109,3 +109,19 @@ def test_scan_rescales_its_hits_by_their_leave_one_in_factors() -> None:
         assert f == pytest.approx(expected, rel=1e-9)
     plain = inf.scan(model, task, curv, queries, train, **{**kw, "refine": 0})
     assert plain.meta["self_correction"] is None  # the paper's plain estimate stays as it is
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "identity"])
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_quadratic_form_of_tokens_equals_that_of_the_sequence_gradient(strategy: str, blocks: int) -> None:
+    from influencer.curvature.linalg import per_example_grads
+    from influencer.passes import layer_io
+
+    model, task, train, _queries = SETUPS["llama-causal-lm"]
+    curv = inf.fit_curvature(model, task, train, strategy=strategy, layers="all", blocks=blocks, progress=False)
+    layers = curv.bind(model)
+    batch = task.collate([task.as_dataset(train)[i] for i in range(4)])
+    io = layer_io(model, task, layers, batch, torch.arange(4), loss="train")
+    for name, x in io.items():
+        want = curv.quadratic_form(name, per_example_grads(x.a, x.g))
+        torch.testing.assert_close(curv.quadratic_form_tokens(name, x.a, x.g), want, rtol=1e-10, atol=1e-12)

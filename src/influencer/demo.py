@@ -22,7 +22,7 @@ import torch
 import influencer as inf
 from influencer.data import kjv_verses, tokenize_queries, tokenize_texts
 from influencer.models import load_model
-from influencer.refine import calibrated, cg_steps, correction_note, units_note
+from influencer.units import calibrated, cg_steps, correction_note, units_note
 
 DEFAULT_LAYERS = r"model\.layers\.[0-5]\.mlp\."
 MODEL_NAME = "SmolLM2-135M-Instruct (de-quantized from a 4-bit GGUF)"

@@ -127,7 +127,7 @@ def word_order_probe(
     :class:`ProbeResult`; its ``nats`` says whether per-copy values are calibrated (a refined inverse).
     """
     from influencer.data import tokenize_queries, tokenize_texts
-    from influencer.refine import calibrated
+    from influencer.units import calibrated
 
     if not completion.strip():
         raise ValueError("the query's completion is empty; a query measures log p(completion | prompt)")

@@ -70,7 +70,8 @@ def self_correction(
             if gg == 0:
                 out[int(i)] = {"c": 0.0, "s": 0.0, "factor": 1.0}
                 continue
-            s = sum(float(curvature.quadratic_form(name, m).sum()) for name, m in grads.items()) / gg
+            quad = (curvature.quadratic_form_tokens(name, x.a.to(dtype), x.g.to(dtype)) for name, x in io.items())
+            s = sum(float(q.sum()) for q in quad) / gg
             c = own_curvature(fm, fm.to(batch), fm.flat(grads)[0])
             out[int(i)] = {"c": c, "s": s, "factor": 1.0 / (1.0 + c * s / n_train)}
     return out

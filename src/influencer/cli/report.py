@@ -73,7 +73,7 @@ def report(
         ]
         if request["settings"].get("prefilter"):
             notes.append(f"BM25 prefilter: top {request['settings']['prefilter']} sequences per query were scored")
-        from influencer.refine import units_note
+        from influencer.units import units_note
 
         notes.append(units_note(result.meta.get("inverse"), result.n_train))
         with timer.stage("write report"):

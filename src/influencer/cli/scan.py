@@ -158,7 +158,7 @@ def _refine_batch(
 
 
 def _describe_plan(plan: Any) -> str:
-    from influencer.refine import cg_steps
+    from influencer.units import cg_steps
 
     if plan.steps == 0:
         return f"none ({plan.reason}); the curvature's own answer"
@@ -590,7 +590,7 @@ def scan(
         dist.run_collectively(publish)  # rank 0 writes; a failure fails every rank
         processes = dist.world_size()
     result.directory = run / SCAN
-    from influencer.refine import calibrated, correction_note, units_note
+    from influencer.units import calibrated, correction_note, units_note
 
     nats = calibrated(inverse.describe())
     if _main_rank():

@@ -20,7 +20,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from influencer.curvature.linalg import from_eigenbasis, to_eigenbasis
+from influencer.curvature.linalg import (
+    from_eigenbasis,
+    per_example_grads,
+    rotate,
+    rotate_tokens_first,
+    to_eigenbasis,
+)
 from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.layers import Layer, as_layer
 
@@ -170,6 +176,16 @@ class Curvature:
             qs, qa = self._basis(name, g.dtype, g.device)
             g = to_eigenbasis(g, qs, qa)
         return (g.pow(2) * inv).flatten(1).sum(1)
+
+    def quadratic_form_tokens(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """⟨Ĝ, (G_l + λ_l)⁻¹ Ĝ⟩ of the per-sequence gradients Ĝ_b = Σ_t g_{b,t} ā_{b,t}ᵀ from a [B, T, w] and
+        g [B, T, d_out] → [B], rotating tokens first (Q_Sᵀ g_t, Q_Aᵀ ā_t) when that is cheaper than rotating Ĝ."""
+        if self.strategy in ("kfac", "ekfac") and rotate_tokens_first(a.shape[1], g.shape[-1], a.shape[-1]):
+            qs, qa = self._basis(name, a.dtype, a.device)
+            rotated = per_example_grads(rotate(a, qa), rotate(g, qs))  # Q_Sᵀ Ĝ Q_A
+            inv = self.inverse_diagonal(name, a.dtype, a.device)
+            return (rotated.pow(2) * inv).flatten(1).sum(1)
+        return self.quadratic_form(name, per_example_grads(a, g))
 
     def with_damping(self, damping: float | None = None, damping_factor: float | None = None) -> Curvature:
         """A copy with new damping (factors shared, nothing refitted)."""

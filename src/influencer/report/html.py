@@ -80,7 +80,7 @@ def render_report(
     """The page of :func:`write_report` as a string."""
     jinja2 = require("jinja2")
     from influencer.analysis.tails import query_tail_stats
-    from influencer.refine import calibrated
+    from influencer.units import calibrated
 
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("influencer.report", "templates"),
@@ -126,7 +126,7 @@ def _png(fig: Any) -> str:
 
 
 def _summary(result: ScanResult, full: bool) -> list[tuple[str, str]]:
-    from influencer.refine import correction_note
+    from influencer.units import correction_note
 
     meta = result.meta
     rows = [
@@ -144,7 +144,7 @@ def _summary(result: ScanResult, full: bool) -> list[tuple[str, str]]:
 
 
 def _refinement(inverse: Any) -> str:
-    from influencer.refine import cg_steps
+    from influencer.units import cg_steps
 
     if not inverse or inverse.get("inverse") != "refined":
         return "none (the curvature's own answer: rank by it, its sizes are a score, not nats; docs/VALIDATION.md §9)"
