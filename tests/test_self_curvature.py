@@ -125,3 +125,19 @@ def test_quadratic_form_of_tokens_equals_that_of_the_sequence_gradient(strategy:
     for name, x in io.items():
         want = curv.quadratic_form(name, per_example_grads(x.a, x.g))
         torch.testing.assert_close(curv.quadratic_form_tokens(name, x.a, x.g), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("setup", ["mlp-classification", "llama-causal-lm", "gpt2-conv1d"])
+def test_batched_own_curvature_equals_the_dense_reference_with_padding(setup: str) -> None:
+    model, task, train, _queries = SETUPS[setup]
+    if isinstance(task, inf.CausalLM):  # rows of different lengths: batches are padded
+        ids = zoo.token_data(6, t=7, seed=9)
+        train = [{"input_ids": ids[i, : 3 + i % 4]} for i in range(6)]
+    curv = inf.fit_curvature(model, task, train, layers="all", progress=False)
+    names = curv.layer_names
+    out = self_correction(model, task, curv, train, list(range(6)), n_train=6, batch_size=4)
+    for i in range(6):
+        one = take_rows(train, [i])
+        gnh = ref.dense_gnh(model, task, one, names)
+        g = ref.per_example_grads(model, task, one, names, loss="train")[0]
+        assert out[i]["c"] == pytest.approx(float(g @ gnh @ g / (g @ g)), rel=1e-8)

@@ -13,6 +13,9 @@ so its per-example gradient is the sum over uses, as autograd's would be.
 
 Gradients are taken with ``torch.autograd.grad`` with respect to the layer outputs only, so the backward pass
 skips every parameter gradient (cheaper than ``loss.backward()``) and leaves ``.grad`` fields untouched.
+
+:class:`WeightTangents` is the forward-mode counterpart: per-example weight tangents injected at the tracked
+layers' outputs, for batched Jacobian-vector products along each example's own gradient.
 """
 
 from __future__ import annotations
@@ -161,3 +164,42 @@ def _per_token(
         ones = torch.ones(batch_size, t, 1, dtype=a.dtype, device=a.device)
         a = torch.cat([a, ones if m is None else ones * m], -1)
     return a, g, tokens
+
+
+class WeightTangents:
+    """Forward-mode AD with a weight tangent per example: used inside ``torch.autograd.forward_ad.dual_level()``,
+    each given layer's output gains the tangent ΔW_b ā_{b,t} of its example b at every position t (ΔW: name →
+    [B, d_out, d_in + bias], the engine's matrix layout), on top of any tangent flowing in from earlier layers.
+    The output's tangent is then J_b ΔW_b, the directional derivative of each example's outputs along its own
+    weight direction — what a batched Jacobian-vector product with per-example parameters would give.
+    """
+
+    def __init__(self, layers: list[Layer], deltas: dict[str, torch.Tensor]):
+        self.layers, self.deltas = layers, deltas
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> WeightTangents:
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, layer: Layer):
+        import torch.autograd.forward_ad as fwad
+
+        delta = self.deltas[layer.name]
+
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = fwad.unpack_dual(inputs[0]).primal
+            b = delta.shape[0]
+            a = x.reshape(b, -1, layer.d_in)
+            if layer.bias:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+            extra = torch.einsum("bow,btw->bto", delta.to(a.dtype), a).reshape(output.shape)
+            return output + fwad.make_dual(torch.zeros_like(extra), extra)
+
+        return hook

@@ -52,28 +52,56 @@ def own_curvature(fm: FlatModel, example: Any, g: torch.Tensor) -> float:
 
 @amp_aware
 def self_correction(
-    model: nn.Module, task: Task, curvature: Curvature, train: Any, indices: list[int], *, n_train: int
+    model: nn.Module,
+    task: Task,
+    curvature: Curvature,
+    train: Any,
+    indices: list[int],
+    *,
+    n_train: int,
+    batch_size: int = 16,
+    progress: bool = False,
 ) -> dict[int, dict[str, float]]:
     """For each training index: ``c`` (own curvature along its gradient), ``s`` (gᵀK⁻¹g/‖g‖² with the curvature's
-    inverse K⁻¹) and ``factor`` = 1 / (1 + c·s / n_train), the leave-one-in rescaling of its influence."""
+    inverse K⁻¹) and ``factor`` = 1 / (1 + c·s / n_train), the leave-one-in rescaling of its influence.
+
+    Batched: per batch one forward + backward (the gradients g, tokens first) and one forward-mode pass that
+    carries each example's own gradient as its weight tangent (:class:`~influencer.capture.WeightTangents`).
+    """
+    import torch.autograd.forward_ad as fwad
+
+    from influencer.capture import WeightTangents
+    from influencer.progress import progress_bar
+
     layers = curvature.bind(model, check_weights=False)
-    fm = FlatModel(model, task, [x.name for x in layers])
     dataset = task.as_dataset(train)
     dtype = compute_dtype(model)
+    device = next(model.parameters()).device
+    order = torch.as_tensor(sorted({int(i) for i in indices}), dtype=torch.long)
     out: dict[int, dict[str, float]] = {}
-    with eval_mode(model):
-        for i in indices:
-            batch = task.collate([dataset[int(i)]])
-            io = layer_io(model, task, layers, batch, torch.tensor([int(i)]), loss="train")
+    with eval_mode(model), progress_bar("own curvature", len(order), unit="seq", enabled=progress) as bar:
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            batch = task.to(task.collate([dataset[int(i)] for i in idx]), device)
+            io = layer_io(model, task, layers, batch, idx, loss="train")
             grads = {name: per_example_grads(x.a.to(dtype), x.g.to(dtype)) for name, x in io.items()}
-            gg = sum(float((m.to(torch.float64) ** 2).sum()) for m in grads.values())
-            if gg == 0:
-                out[int(i)] = {"c": 0.0, "s": 0.0, "factor": 1.0}
-                continue
-            quad = (curvature.quadratic_form_tokens(name, x.a.to(dtype), x.g.to(dtype)) for name, x in io.items())
-            s = sum(float(q.sum()) for q in quad) / gg
-            c = own_curvature(fm, fm.to(batch), fm.flat(grads)[0])
-            out[int(i)] = {"c": c, "s": s, "factor": 1.0 / (1.0 + c * s / n_train)}
+            gg = sum(m.to(torch.float64).pow(2).flatten(1).sum(1) for m in grads.values())
+            quad = sum(
+                curvature.quadratic_form_tokens(name, x.a.to(dtype), x.g.to(dtype)).to(torch.float64)
+                for name, x in io.items()
+            )
+            with torch.no_grad(), fwad.dual_level(), WeightTangents(layers, grads), sdpa_kernel(SDPBackend.MATH):
+                outputs = task.forward(model, batch)
+                primal, tangent = fwad.unpack_dual(outputs)
+                h_t = output_hessian_product(task, primal, batch, tangent[None])[0]
+                curv = (tangent.to(torch.float64) * h_t.to(torch.float64)).flatten(1).sum(1)
+            for j, i in enumerate(idx.tolist()):
+                if float(gg[j]) == 0.0:
+                    out[i] = {"c": 0.0, "s": 0.0, "factor": 1.0}
+                    continue
+                c, s_ = float(curv[j] / gg[j]), float(quad[j] / gg[j])
+                out[i] = {"c": c, "s": s_, "factor": 1.0 / (1.0 + c * s_ / n_train)}
+            bar.update(len(idx))
     return out
 
 
@@ -86,13 +114,20 @@ def _example_key(example: Any) -> bytes:
 
 
 def hit_factors(
-    model: nn.Module, task: Task, inverse: Inverse, train: Any, indices: list[int], *, n_train: int
+    model: nn.Module,
+    task: Task,
+    inverse: Inverse,
+    train: Any,
+    indices: list[int],
+    *,
+    n_train: int,
+    progress: bool = False,
 ) -> dict[int, float]:
     """The leave-one-in factor of each training index for scores made with ``inverse``: 1 / (1 + c s / N) restores
     a sequence's own curvature at its weight 1/N; a sequence inside a refined inverse's sample already carries it at
     weight 1/sample, so its factor is (1 + c s / sample) / (1 + c s / N)."""
     curvature = inverse.curvature
-    raw = self_correction(model, task, curvature, train, indices, n_train=n_train)
+    raw = self_correction(model, task, curvature, train, indices, n_train=n_train, progress=progress)
     sample = getattr(inverse, "data", None)
     keys: set[bytes] = set()
     if sample is not None and inverse.describe().get("inverse") == "refined":
