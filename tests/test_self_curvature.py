@@ -78,7 +78,12 @@ def test_scan_rescales_its_hits_by_their_leave_one_in_factors() -> None:
     curv = inf.fit_curvature(model, task, train, layers="all", progress=False)
     kw = {"rank": None, "keep_scores": True, "progress": False, "top_k": 4, "refine": 2}
     raw = inf.scan(model, task, curv, queries, train, self_correct=False, **kw)
-    fixed = inf.scan(model, task, curv, queries, train, **kw)  # on by default for the refined (default) path
+    # on by default for the refined (default) path, within a budget: 64 sequences cannot pay for the pool of 2
+    # queries (~4 passes per candidate, at most the scan's own cost), so the default says it skipped it
+    skipped = inf.scan(model, task, curv, queries, train, **kw)
+    assert "skipped" in skipped.meta["self_correction"]
+    assert [h.index for h in skipped.top(0)] == [h.index for h in raw.top(0)]
+    fixed = inf.scan(model, task, curv, queries, train, self_correct=True, **kw)  # forced
     assert raw.meta["self_correction"] is None
     factors = {int(i): f for i, f in fixed.meta["self_correction"]["factors"].items()}
     assert fixed.meta["self_correction"]["pool"] == POOL * 4

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         queries,
         train,
         rank=args.rank,
-        top_k=max(args.top, 5),
+        top_k=args.top,
         batch_size=args.batch_size,
         keep_scores=True,
         refine=refine,
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         print(textwrap.fill(note, 110, break_on_hyphens=False))
     print("[brackets] mark the 3 tokens with the largest tokenwise influence (the token before a predicted one).")
     report = _write_report(
-        result, tok, train, verses, Path(args.out) / "report.html", top=max(args.top, 5), n_fit=len(fit_rows)
+        result, tok, train, verses, Path(args.out) / "report.html", top=args.top, n_fit=len(fit_rows)
     )
     if report is not None:
         print(f"report: {report}")

@@ -729,14 +729,30 @@ def _scan(
     state = _gather_state(state, q, top_k, len(layers), dtype)
     n_units = curvature.n_train if n_train is None else int(n_train)
     factors: dict[int, float] = {}
+    correction = None
     if correct:
-        from influencer.self_curvature import hit_factors
+        from influencer.refine import refinement_share
+        from influencer.self_curvature import OWN_CURVATURE_COST, hit_factors
 
-        pool = sorted(
-            {int(i) for t in (state.top, state.bottom, *state.bands.values()) for i in t.indices.flatten()} - {-1}
-        )
-        factors = hit_factors(model, task, inverse, train, pool, n_train=n_units)
-        state = _rescale_hits(state, factors, wanted_k)
+        def distinct(k: int) -> list[int]:
+            lists = (state.top, state.bottom, *state.bands.values())
+            return sorted({int(i) for t in lists for i in t.indices[:, :k].flatten()} - {-1})
+
+        # the correction costs ~OWN_CURVATURE_COST passes per distinct candidate: keep it within the share of the
+        # scan that the refinement may spend (shrink the pool to the kept hits, else skip it and say so)
+        allowed = refinement_share(len(order)) * len(order) / OWN_CURVATURE_COST
+        depth = top_k
+        pool = distinct(depth)
+        if len(pool) > allowed and not self_correct:
+            depth = wanted_k
+            pool = distinct(depth)
+        if len(pool) <= allowed or self_correct:
+            factors = hit_factors(model, task, inverse, train, pool, n_train=n_units, progress=progress)
+            state = _rescale_hits(state, factors, wanted_k, depth)
+            correction = {"pool": depth, "candidates": len(pool), "factors": factors}
+        else:
+            correction = {"skipped": f"{len(pool)} hits would cost more than the scan's budget for it"}
+            state = _rescale_hits(state, {}, wanted_k)
     result = ScanResult(
         state,
         [x.name for x in layers],
@@ -754,7 +770,7 @@ def _scan(
             "data_range": list(data_range),
             "inverse": store.meta.get("inverse"),
             "refine_plan": None if plan is None else plan.to_dict(),
-            "self_correction": {"pool": top_k, "factors": {str(i): f for i, f in factors.items()}} if correct else None,
+            "self_correction": _correction_meta(correction),
         },
     )
     result.directory = out
@@ -775,8 +791,15 @@ def _scan(
     return result
 
 
-def _rescale_hits(state: _State, factors: dict[int, float], k: int) -> _State:
-    """Every kept list with each hit's score (and its layer parts) times its factor, re-ranked, cut to k."""
+def _correction_meta(correction: dict[str, Any] | None) -> dict[str, Any] | None:
+    if correction is None or "factors" not in correction:
+        return correction
+    return {**correction, "factors": {str(i): f for i, f in correction["factors"].items()}}
+
+
+def _rescale_hits(state: _State, factors: dict[int, float], k: int, depth: int | None = None) -> _State:
+    """Every kept list's first ``depth`` entries with each hit's score (and its layer parts) times its factor,
+    re-ranked, cut to k."""
     out = _State.empty(state.count.shape[0], k, state.top.layers.shape[-1], state.top.values.dtype)
     out.count, out.total, out.positive, out.squares = state.count, state.total, state.positive, state.squares
     out.scores = state.scores
@@ -785,9 +808,10 @@ def _rescale_hits(state: _State, factors: dict[int, float], k: int) -> _State:
         (out.bottom, state.bottom, False),
         *((out.bands[b], state.bands[b], True) for b in BANDS),
     ):
-        rows = [[factors.get(int(i), 1.0) for i in row] for row in theirs.indices.tolist()]
+        d = theirs.values.shape[1] if depth is None else depth
+        rows = [[factors.get(int(i), 1.0) for i in row] for row in theirs.indices[:, :d].tolist()]
         f = torch.tensor(rows, dtype=torch.float64).to(theirs.values.dtype)
-        mine.update(theirs.values * f, theirs.indices, theirs.layers * f[..., None], largest)
+        mine.update(theirs.values[:, :d] * f, theirs.indices[:, :d], theirs.layers[:, :d] * f[..., None], largest)
     return out
 
 

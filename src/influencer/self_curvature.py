@@ -32,7 +32,11 @@ from influencer.functional import FlatModel, output_hessian_product
 from influencer.passes import amp_aware, compute_dtype, eval_mode, layer_io
 from influencer.tasks import Task
 
-__all__ = ["hit_factors", "own_curvature", "self_correction"]
+__all__ = ["OWN_CURVATURE_COST", "hit_factors", "own_curvature", "self_correction"]
+
+#: cost of one sequence's factor in forward+backward passes (its gradients, the tokens-first quadratic form and a
+#: forward-mode pass; measured ~4 on SmolLM2 with 30 tracked MLP linears, benchmarks/bench_refine.py)
+OWN_CURVATURE_COST = 4.0
 
 
 @torch.no_grad()

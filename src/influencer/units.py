@@ -31,6 +31,8 @@ def correction_note(meta: dict[str, Any]) -> str | None:
     sc = meta.get("self_correction")
     if not sc:
         return None
+    if "skipped" in sc:
+        return f"hits not corrected for their own curvature: {sc['skipped']} (self_correct=True forces it)"
     f = [float(v) for v in sc["factors"].values()]
     span = f" (factors {min(f):.2g}-{max(f):.2g})" if f else ""
     return (

@@ -46,8 +46,9 @@ def probe(
     from influencer.data import sequence_digest
     from influencer.io import atomic_write_json
     from influencer.probe import word_order_probe
-    from influencer.refine import default_inverse, units_note
+    from influencer.refine import default_inverse
     from influencer.runs import CURVATURE, read_run
+    from influencer.units import units_note
 
     if not completion.strip():
         raise UserError("--completion is empty; a query measures log p(completion | prompt), so give one")
