@@ -35,8 +35,8 @@ from influencer.curvature.linalg import per_example_grads
 from influencer.functional import FlatModel
 from influencer.io import atomic_write_json
 from influencer.passes import layer_io
-from influencer.refine import default_inverse
-from influencer.self_curvature import self_correction
+from influencer.refine import default_inverse, sample_rows
+from influencer.self_curvature import hit_factors, self_correction
 from influencer.tasks import take_rows
 
 from bench_facts import LAYERS, fitted
@@ -125,7 +125,8 @@ def main() -> None:
         model, task, curv, setup.train, refine="auto", n_queries=len(prompts), n_scan=n, rank=32
     )
     refined = inf.pairwise_scores(model, task, default, queries, take_rows(setup.train, rows), progress=False).total
-    factors = self_correction(model, task, curv, setup.train, rows, n_train=n)
+    factors = self_correction(model, task, curv, setup.train, rows, n_train=n)  # for EK-FAC: 1 / (1 + c s / N)
+    default_factors = hit_factors(model, task, default, setup.train, rows, n_train=n)  # the sample's members differ
     for p in model.parameters():  # the PBRF differentiates θ only through the rescaled u
         p.requires_grad_(False)
     results: dict[str, Any] = {
@@ -140,17 +141,22 @@ def main() -> None:
         t0 = time.perf_counter()
         z = take_rows(setup.train, [rows[j]])
         lr = args.lr
-        if lr is None:  # a step of about 1 % of the rescaled solution's RMS coordinate, |u*| ~ |K⁻¹ ∇L(z)|
+        if lr is None:  # as the library's PBRF solver: 30 × the RMS coordinate of the Cauchy point along −∇L(z)
             io = layer_io(model, task, layers, task.collate([task.as_dataset(z)[0]]), torch.tensor([0]))
-            g = {k: per_example_grads(x.a, x.g) for k, x in io.items()}
-            k_inv_g = fm.flat(curv.solve(g))
-            lr = 0.05 * float(k_inv_g.norm()) / math.sqrt(k_inv_g.numel())
+            g = fm.flat({k: per_example_grads(x.a, x.g) for k, x in io.items()})[0]
+            probe = fm.batches(take_rows(setup.train, sample_rows(n, 16, 100 + j)), 4)
+            with torch.no_grad():  # (G + λ) g with G ≈ a random 16 sequences at weight (N−1)/N + z's own term at 1/N
+                gg = fm.gnh_vp(g, probe, None, 16) * (n - 1) / n + fm.gnh_vp(g, fm.batches(z, 1), None, 1) / n
+                curv_g = float((g * (gg + damping * g)).sum())
+            alpha = float((g * g).sum()) / curv_g
+            lr = 30.0 * alpha * float(g.norm()) / math.sqrt(g.numel())
         u, norms = pbrf_response(
             fm, setup.train, z, damping, eps, steps=args.steps, minibatch=args.minibatch, lr=lr, seed=j
         )
         with torch.no_grad():
             f1 = fm.measurement(fm.theta0 + eps * u.to(fm.theta0.dtype), qbatch)
         factor = factors[rows[j]]["factor"]
+        default_factor = default_factors[rows[j]]
         for p, (pf, form, qf) in enumerate(pairs):
             if pf != f:
                 continue
@@ -166,7 +172,7 @@ def main() -> None:
                 "factor": factor,
             }
             row["ekfac+self"] = row["ekfac"] * factor
-            row["default+self"] = row["default"] * factor
+            row["default+self"] = row["default"] * default_factor
             results["pairs"].append(row)
             print(
                 f"z=fact {f} q={form:10s}(fact {qf:2d}) actual {actual:+.4g}  ekfac {row['ekfac']:+.4g}  default "
