@@ -7,9 +7,10 @@ reversed order (§5.3.4) — every method ranks the whole corpus (no prefilter) 
 sentence lands: recall@1, recall@10, mean reciprocal rank, and the time of each method (fit excluded, shown apart).
 
 Methods: BM25 (the paper's prefilter scoring of prompt + completion), gradient dot products (identity), the
-paper's plain EK-FAC (``scan(..., refine=0)``), the refined queries alone (``scan(..., self_correct=False)``:
-EK-FAC refined within the cost model's budget) and the default path (``scan(...)``: refined, and the kept hits
-corrected for their own curvature among a pool of 3 × top_k; it is ranked by its hits, then the rest). With
+paper's plain EK-FAC (``scan(..., refine=0)``), the refined queries alone (the uncorrected scores of the default
+scan: EK-FAC refined within the cost model's budget) and the default path (``scan(...)``: refined, and the kept
+hits corrected for their own curvature among a pool of 3 × top_k; it is ranked by its hits, then the rest; one
+scan gives both rows, timed once). With
 ``--self-correct`` the EK-FAC and refined scores are also ranked after the leave-one-in correction of *every*
 sequence (``+self``; factors computed once for the corpus and cached). Each form's 48 queries are one scan, as a
 user would ask them.
@@ -86,15 +87,11 @@ def report(form: str, method: str, r: dict[str, Any]) -> None:
 _FACTORS: dict[str, torch.Tensor] = {}
 
 
-def self_factors(
-    setup: Any, task: inf.CausalLM, curv: inf.Curvature, inverse: dict[str, Any]
-) -> tuple[torch.Tensor, float]:
-    """Leave-one-in factors of every corpus sequence for the scores of ``inverse`` (cached in the setup folder):
-    1 / (1 + c s / N) restores a sequence's own curvature; a sequence in a refined inverse's sample already has
-    it at weight 1/sample, so its factor is (1 + c s / sample) / (1 + c s / N)."""
+def self_factors(setup: Any, task: inf.CausalLM, curv: inf.Curvature) -> tuple[torch.Tensor, float]:
+    """Leave-one-in factors 1 / (1 + c s / N) of every corpus sequence (c s cached in the setup folder): they
+    restore each sequence's own curvature, as ``influencer.self_curvature.hit_factors`` does for a scan's hits."""
     from safetensors.torch import load_file, save_file
 
-    from influencer.refine import sample_rows
     from influencer.self_curvature import self_correction
 
     n = len(setup.docs)
@@ -111,10 +108,7 @@ def self_factors(
             _FACTORS["cs"] = torch.tensor([out[i]["c"] * out[i]["s"] for i in range(n)], dtype=torch.float64)
             save_file(_FACTORS, str(path))
     cs = _FACTORS["cs"]
-    factor = 1.0 / (1.0 + cs / n)
-    if inverse.get("inverse") == "refined":
-        rows = sample_rows(inverse["sample_of"], inverse["data_size"], inverse["seed"])
-        factor[rows] = factor[rows] * (1.0 + cs[rows] / inverse["data_size"])
+    factor = 1.0 / (1.0 + cs / n)  # as influencer.self_curvature.hit_factors, sample members included
     return factor, time.perf_counter() - t
 
 
@@ -146,15 +140,24 @@ def main() -> None:
     forms = args.forms.split(",")
     methods = args.methods.split(",")
     setup = fact_model()
+    run_info = {"command": None, "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
     task = inf.CausalLM(pad_token_id=setup.tokenizer.pad_token_id)
     n = len(setup.docs)
     print(f"corpus: {n} sequences ({int(setup.train['attention_mask'].sum())} tokens); model {setup.folder}")
     fits: dict[str, tuple[inf.Curvature, float]] = {}
-    results: dict[str, Any] = {"command": " ".join(sys.argv), "n": n, "threads": args.threads, "forms": {}}
+    out = Path(args.out) / setup.folder.name
+    previous = out / "results.json"  # rows of earlier runs on this model are kept unless this run redoes them
+    results: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {"forms": {}}
+    if results.get("layers", args.layers) != args.layers:
+        results = {"forms": {}}
+    run_info["command"] = " ".join(["python", *sys.argv])
+    results.update(n=n, layers=args.layers)
+    results["finetune"] = {k: setup.log[k] for k in ("settings", "sequences", "tokens", "mean_logp")}
     for form in forms:
         queries = setup.queries(form)
         rows = setup.fact_rows
-        per: dict[str, Any] = {}
+        per: dict[str, Any] = results["forms"].setdefault(form, {})
+        scans: dict[tuple[str, bool], tuple[inf.ScanResult, float]] = {}
         for method in methods:
             t = time.perf_counter()
             if method == "bm25":
@@ -168,30 +171,45 @@ def main() -> None:
                 if strategy not in fits:
                     fits[strategy] = fitted(setup, task, args.layers, strategy, args.batch_size)
                 curv = fits[strategy][0]
-                result = inf.scan(
-                    setup.model,
-                    task,
-                    curv,
-                    queries,
-                    setup.train,
-                    keep_scores=True,
-                    tokens=False,
-                    batch_size=args.batch_size,
-                    refine="auto" if method in ("refined", "default") else 0,
-                    self_correct=None if method == "default" else False,
-                )
+                refine = method in ("refined", "default")
+                key = (strategy, refine)
+                if key in scans:  # 'refined' and 'default' read one default scan (its scores are uncorrected)
+                    result, t = scans[key]
+                else:
+                    result = inf.scan(
+                        setup.model,
+                        task,
+                        curv,
+                        queries,
+                        setup.train,
+                        keep_scores=True,
+                        tokens=False,
+                        batch_size=args.batch_size,
+                        refine="auto" if refine else 0,
+                        self_correct=None if refine else False,
+                    )
+                    scans[key] = (result, t)
                 scores = result.scores
                 if method == "default":  # rank by the corrected hits, then by the uncorrected scores below them
                     scores = hits_first(result, scores)
-                extra = {"inverse": result.meta["inverse"], "refine_plan": result.meta["refine_plan"]}
-                fact_scores = [float(scores[q, r]) for q, r in enumerate(rows)]
+                extra = {
+                    "inverse": result.meta["inverse"],
+                    "refine_plan": result.meta["refine_plan"],
+                    "self_correction": {
+                        k: v for k, v in (result.meta.get("self_correction") or {}).items() if k != "factors"
+                    },
+                }
+                fact_scores = [float(result.scores[q, r]) for q, r in enumerate(rows)]
+                if method == "default":  # a kept hit is reported with its corrected score
+                    for q, r in enumerate(rows):
+                        fact_scores[q] = next((h.score for h in result.top(q) if h.index == r), fact_scores[q])
                 extra["median_fact_per_copy"] = float(torch.tensor(fact_scores).median()) / n
             seconds = time.perf_counter() - t
             ranks = ranks_of(scores, rows)
-            per[method] = {**metrics(ranks), "seconds": seconds, "ranks": ranks, **extra}
+            per[method] = {**metrics(ranks), "seconds": seconds, "ranks": ranks, **extra, **run_info}
             report(form, method, per[method])
             if args.self_correct and method in ("ekfac", "refined"):
-                factors, factor_seconds = self_factors(setup, task, fits["ekfac"][0], extra["inverse"])
+                factors, factor_seconds = self_factors(setup, task, fits["ekfac"][0])
                 fixed = scores * factors[None, :]
                 name = f"{method}+self"
                 facts_fixed = [float(fixed[q, r]) for q, r in enumerate(rows)]
@@ -201,35 +219,42 @@ def main() -> None:
                     "ranks": ranks_of(fixed, rows),
                     "inverse": extra["inverse"],
                     "median_fact_per_copy": float(torch.tensor(facts_fixed).median()) / n,
+                    **run_info,
                 }
                 report(form, name, per[name])
-        results["forms"][form] = per
-    results["fit_seconds"] = {k: v[1] for k, v in fits.items()}
-    results["layers"] = args.layers
-    results["finetune"] = {k: setup.log[k] for k in ("settings", "sequences", "tokens", "mean_logp")}
-    out = Path(args.out) / setup.folder.name
+            results.setdefault("fit_seconds", {}).update({k: v[1] for k, v in fits.items()})
+            save(out, results)  # after every row: a long run keeps what it measured
+    print(render(results))
+
+
+def save(out: Path, results: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
-    table = render(results)
-    (out / "table.md").write_text(table)
-    print(table)
+    (out / "table.md").write_text(render(results))
 
 
 def render(results: dict[str, Any]) -> str:
     lines = [
-        f"`{results['command']}` — {results['n']} sequences, {len(FACTS)} facts, {results['threads']} threads",
+        f"{results['n']} sequences, {len(FACTS)} facts; each row made by the command numbered beside it",
         "",
-        "| query form | method | recall@1 | recall@10 | MRR | time (s) | refinement |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| query form | method | recall@1 | recall@10 | MRR | time (s) | refinement | fact per copy (median) | run |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|",
     ]
+    runs: list[tuple[str, int]] = []
     for form, per in results["forms"].items():
         for method, r in per.items():
             inv = r.get("inverse") or {}
             how = f"{inv['steps']} CG steps over {inv['data_size']}" if inv.get("inverse") == "refined" else "–"
+            run = (str(r.get("command")), int(r.get("threads", 0)))
+            if run not in runs:
+                runs.append(run)
+            fact = f"{r['median_fact_per_copy']:.3g}" if "median_fact_per_copy" in r else "–"
             lines.append(
                 f"| {form} | {method} | {r['recall@1']:.3f} | {r['recall@10']:.3f} | {r['mrr']:.3f} | "
-                f"{r['seconds']:.0f} | {how} |"
+                f"{r['seconds']:.0f} | {how} | {fact} | {runs.index(run) + 1} |"
             )
+    lines.append("")
+    lines += [f"{i + 1}. `{cmd}` ({threads} threads)" for i, (cmd, threads) in enumerate(runs)]
     fits = ", ".join(f"{k} {v:.0f} s" for k, v in results.get("fit_seconds", {}).items())
     lines.append(f"\nFits (not in the times above): {fits}.")
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ import torch
 import influencer as inf
 from influencer.data import kjv_verses, split_verse_queries, tokenize_queries, tokenize_texts
 from influencer.models import load_model
-from influencer.refine import GNH_PASS_COST, default_inverse, pass_flops, plan_refinement, scan_pass_cost
+from influencer.refine_plan import GNH_PASS_COST, default_inverse, pass_flops, plan_refinement, scan_pass_cost
 
 LAYERS = r"model\.layers\.[0-5]\.mlp\."
 

@@ -6,8 +6,10 @@ response function (paper §2.1, Eq. 7–9) of adding one copy of z, ε = 1/N, ov
     θ(ε) = argmin_θ  (1/N) Σ_i D_KL(p(θ_s, x_i) ‖ p(θ, x_i)) + ε L(z, θ) + (λ_l/2) ‖θ − θ_s‖²,
 
 with Adam (as in the paper's language-model validation, §5.1) in the rescaled variable u = (θ − θ_s)/ε and the
-Bregman term estimated on a random minibatch of the corpus at every step (an unbiased estimate of the full sum;
-Polyak averaging of the last quarter of the iterates). The actual Δ log p of each query is f_q(θ_s + ε u) − f_q(θ_s).
+Bregman term estimated at every step as z's own term (exact, weight 1/N) plus a random minibatch of the others
+(an unbiased estimate of the full sum; Polyak averaging of the last quarter of the iterates). Convergence is
+checked at the end: ‖∇J(u)‖ with the Bregman term over z and 64 other sequences, against ‖∇J(0)‖.
+The actual Δ log p of each query is f_q(θ_s + ε u) − f_q(θ_s).
 Predictions, per copy (I / N): the paper's plain EK-FAC, the default path of ``scan`` (the refined inverse its cost
 model plans for these queries over the corpus), and both with the leave-one-in factor of
 :mod:`influencer.self_curvature`. Queries per z: its fact's own wording, paraphrase and reversed form, and the
@@ -35,7 +37,7 @@ from influencer.curvature.linalg import per_example_grads
 from influencer.functional import FlatModel
 from influencer.io import atomic_write_json
 from influencer.passes import layer_io
-from influencer.refine import default_inverse, sample_rows
+from influencer.refine_plan import default_inverse, sample_rows
 from influencer.self_curvature import hit_factors, self_correction
 from influencer.tasks import take_rows
 
@@ -47,7 +49,7 @@ from factkit import fact_model
 def pbrf_response(
     fm: FlatModel,
     train: Any,
-    z: Any,
+    z_row: int,
     damping: torch.Tensor,
     epsilon: float,
     *,
@@ -56,23 +58,31 @@ def pbrf_response(
     lr: float,
     seed: int,
 ) -> tuple[torch.Tensor, list[float]]:
-    """u* of the rescaled PBRF objective by Adam with a minibatch Bregman term; returns (Polyak-averaged u, the
-    gradient-norm history)."""
+    """u* of the rescaled PBRF objective by Adam; returns (Polyak-averaged u, the stochastic gradient norms).
+
+    The Bregman term (1/N) Σ_i D_i is estimated stratified: z's own term exactly at weight 1/N (it is most of
+    the curvature along z's gradient, and a uniform minibatch would draw it about once in N / minibatch steps)
+    plus the mean over ``minibatch`` others drawn uniformly from the other N − 1 at weight (N − 1)/N."""
     n = len(fm.task.as_dataset(train))
+    others = torch.tensor([i for i in range(n) if i != z_row])
     gen = torch.Generator().manual_seed(seed)
     u = torch.zeros_like(fm.theta0, requires_grad=True)
     opt = torch.optim.Adam([u], lr=lr, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     avg, count, norms = torch.zeros_like(fm.theta0), 0, []
-    zb = fm.batches(z, 1)[0][1]
+    zb = fm.batches(take_rows(train, [z_row]), 1)[0][1]
+    with torch.no_grad():
+        z_ref = fm.outputs(fm.theta0, zb)
     for step in range(steps):
-        rows = torch.randint(0, n, (minibatch,), generator=gen)
+        rows = others[torch.randint(0, n - 1, (minibatch,), generator=gen)]
         (_, b) = fm.batches(take_rows(train, rows), minibatch)[0]
         with torch.no_grad():
             ref = fm.outputs(fm.theta0, b)
         theta = fm.theta0 + epsilon * u
-        bregman = fm.bregman(fm.outputs(theta, b), ref, b).mean()
-        loss = fm.train_loss(theta, zb).sum()
+        z_out = fm.outputs(theta, zb)
+        bregman = fm.bregman(fm.outputs(theta, b), ref, b).mean() * (n - 1) / n
+        bregman = bregman + fm.bregman(z_out, z_ref, zb).sum() / n
+        loss = fm.task.train_loss(z_out, zb).sum()
         total = (bregman + epsilon * loss + 0.5 * epsilon**2 * (damping * u.pow(2)).sum()) / epsilon**2
         opt.zero_grad()
         total.backward()
@@ -85,14 +95,41 @@ def pbrf_response(
     return avg / max(count, 1), norms
 
 
+def pbrf_gradient_norm(
+    fm: FlatModel, train: Any, z_row: int, u: torch.Tensor, damping: torch.Tensor, epsilon: float, sample: int
+) -> float:
+    """‖∇J(u)‖ of the rescaled PBRF objective with the Bregman term over z and ``sample`` other sequences (a
+    convergence check: compare with ‖∇J(0)‖ = ‖∇L(z)‖ / ε)."""
+    n = len(fm.task.as_dataset(train))
+    rows = [r for r in sample_rows(n, sample + 1, 7) if r != z_row][:sample]
+    u = u.detach().clone().requires_grad_(True)
+    theta = fm.theta0 + epsilon * u
+    zb = fm.batches(take_rows(train, [z_row]), 1)[0][1]
+    with torch.no_grad():
+        z_ref = fm.outputs(fm.theta0, zb)
+    z_out = fm.outputs(theta, zb)
+    total = (fm.bregman(z_out, z_ref, zb).sum() / n + epsilon * fm.task.train_loss(z_out, zb).sum()) / epsilon**2
+    total = total + 0.5 * (damping * u.pow(2)).sum()
+    grad = torch.autograd.grad(total, u)[0]
+    for _, b in fm.batches(take_rows(train, rows), 8):
+        theta = fm.theta0 + epsilon * u
+        with torch.no_grad():
+            ref = fm.outputs(fm.theta0, b)
+        part = fm.bregman(fm.outputs(theta, b), ref, b).sum() * (n - 1) / (n * len(rows)) / epsilon**2
+        grad = grad + torch.autograd.grad(part, u)[0]
+    return float(grad.norm())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--facts", default="0,12,24,36,6")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--minibatch", type=int, default=4)
+    parser.add_argument("--check-sample", type=int, default=64, help="sequences in the final gradient check")
     parser.add_argument("--lr", type=float, default=None, help="Adam step in u (default: from the first gradient)")
     parser.add_argument("--layers", default=LAYERS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--solve-threads", type=int, default=None, help="threads for the PBRF solves")
     parser.add_argument("--out", default="benchmarks/out/calibration")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -136,7 +173,10 @@ def main() -> None:
         "default": default.describe(),
         "plan": None if plan is None else plan.to_dict(),
         "pairs": [],
+        "solves": [],
     }
+    if args.solve_threads:  # e.g. 1 while another job uses the other core
+        torch.set_num_threads(args.solve_threads)
     for j, f in enumerate(facts):
         t0 = time.perf_counter()
         z = take_rows(setup.train, [rows[j]])
@@ -151,8 +191,9 @@ def main() -> None:
             alpha = float((g * g).sum()) / curv_g
             lr = 30.0 * alpha * float(g.norm()) / math.sqrt(g.numel())
         u, norms = pbrf_response(
-            fm, setup.train, z, damping, eps, steps=args.steps, minibatch=args.minibatch, lr=lr, seed=j
+            fm, setup.train, rows[j], damping, eps, steps=args.steps, minibatch=args.minibatch, lr=lr, seed=j
         )
+        check = pbrf_gradient_norm(fm, setup.train, rows[j], u, damping, eps, args.check_sample)
         with torch.no_grad():
             f1 = fm.measurement(fm.theta0 + eps * u.to(fm.theta0.dtype), qbatch)
         factor = factors[rows[j]]["factor"]
@@ -179,7 +220,14 @@ def main() -> None:
                 f"{row['default']:+.4g}  ×{factor:.3g} → {row['ekfac+self']:+.4g} / {row['default+self']:+.4g}",
                 flush=True,
             )
-        print(f"  solve: {time.perf_counter() - t0:.0f}s, |∇J| {norms[0]:.3g} → {norms[-1]:.3g}", flush=True)
+        results["solves"].append(
+            {"z_fact": f, "grad_start": norms[0], "grad_end": check, "lr": lr, "seconds": time.perf_counter() - t0}
+        )
+        print(
+            f"  solve: {time.perf_counter() - t0:.0f}s, |∇J(0)| {norms[0]:.3g} → |∇J(u)| {check:.3g} "
+            f"(Bregman over z + {args.check_sample} others; last stochastic |∇J| {norms[-1]:.3g})",
+            flush=True,
+        )
     out = Path(args.out) / setup.folder.name
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
@@ -201,6 +249,12 @@ def render(results: dict[str, Any]) -> str:
             f"| fact {r['z_fact']} | {r['form']} (fact {r['query_fact']}) | {r['logp']:.2f} | {r['actual']:+.3g} | "
             + " | ".join(f"{r[m]:+.3g}" for m in methods)
             + " |"
+        )
+    lines.append("")
+    for r in results.get("solves", []):
+        lines.append(
+            f"PBRF for fact {r['z_fact']}: ‖∇J(0)‖ {r['grad_start']:.3g} → ‖∇J(u)‖ {r['grad_end']:.3g} "
+            f"({r['seconds']:.0f} s)  "
         )
     lines.append("")
     lines.append("| method | median predicted / actual | pairs with the sign of the actual |")

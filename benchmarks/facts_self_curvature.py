@@ -30,7 +30,8 @@ from influencer.curvature.linalg import per_example_grads
 from influencer.functional import FlatModel
 from influencer.passes import layer_io
 from influencer.queries import measurement_gradients
-from influencer.refine import conjugate_gradients, curvature_preconditioner, sample_rows
+from influencer.refine import conjugate_gradients, curvature_preconditioner
+from influencer.refine_plan import sample_rows
 from influencer.tasks import take_rows
 
 from bench_facts import LAYERS, fitted

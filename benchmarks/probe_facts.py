@@ -25,7 +25,8 @@ import torch
 import influencer as inf
 from influencer.io import atomic_write_json
 from influencer.probe import CONDITIONS, word_order_probe
-from influencer.refine import RefinedInverse, sample_rows
+from influencer.refine import RefinedInverse
+from influencer.refine_plan import sample_rows
 from influencer.tasks import take_rows
 
 from bench_facts import LAYERS, fitted

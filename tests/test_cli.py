@@ -314,7 +314,8 @@ def test_scan_of_other_data_with_packing(ws, tmp_path):
 
 
 def test_scan_refine_matches_the_library(ws, tmp_path):
-    from influencer.refine import RefinedInverse, sample_rows
+    from influencer.refine import RefinedInverse
+    from influencer.refine_plan import sample_rows
 
     run = tmp_path / "run"
     _copy(ws.run, run)
@@ -323,9 +324,30 @@ def test_scan_refine_matches_the_library(ws, tmp_path):
     line = error_line(invoke("scan", run, "--queries", ws.queries, "--refine", "lots"), code=1)
     assert "--refine takes 'auto' or a number of CG steps" in line
     args = ("--rank", "0", "--keep-scores", "--no-tokens")
+    line = error_line(invoke("scan", run, "--queries", ws.queries, "--self-correct", "maybe"), code=1)
+    assert "--self-correct takes auto, on or off" in line
     out = ok(invoke("scan", run, "--queries", ws.queries, *args, "--refine", "3", "--refine-sequences", "16"))
     assert "refinement: 3 CG steps over 16 of the fit's sequences" in out
+    # 24 sequences cannot pay for correcting the hits of 2 queries: the default says so and prints scores
+    assert "hits not corrected for their own curvature" in out and "per copy (score)" in out
+    out = ok(
+        invoke(
+            "scan",
+            run,
+            "--queries",
+            ws.queries,
+            *args,
+            "--refine",
+            "3",
+            "--refine-sequences",
+            "16",
+            "--self-correct",
+            "on",
+            "--overwrite",
+        )
+    )
     assert "per copy (nats)" in out and "in nats from adding one copy (refined: 3 CG steps over 16" in out
+    assert "hits rescaled by their own curvature" in out
     request = json.loads((run / "scan" / "request.json").read_text())
     assert request["settings"]["refine"] == 3 and request["settings"]["refine_sequences"] == 16
     inverse = request["settings"]["inverse"]
@@ -367,7 +389,7 @@ def test_scan_refine_matches_the_library(ws, tmp_path):
 
 def test_scan_default_path_refines_one_query_and_splits_its_completion(ws, tmp_path):
     from influencer.completion import completion_split
-    from influencer.refine import default_inverse
+    from influencer.refine_plan import default_inverse
     from influencer.units import cg_steps
 
     run = tmp_path / "run"

@@ -10,11 +10,11 @@ from test_exactness import SETUPS, rel_err
 
 import influencer as inf
 from influencer.functional import FlatModel
-from influencer.refine import (
+from influencer.refine import RefinedInverse
+from influencer.refine_plan import (
     LARGE,
     LARGE_SHARE,
     SMALL,
-    RefinedInverse,
     default_inverse,
     plan_refinement,
     refinement_share,
@@ -233,11 +233,15 @@ def test_default_inverse_honours_the_options() -> None:
     assert same is curv and none is None
 
 
-def test_units_are_nats_only_for_a_refined_inverse() -> None:
+def test_units_are_nats_only_for_the_corrected_hits_of_a_refined_inverse() -> None:
     model, task, train, _queries, curv = _ekfac("mlp-regression")
     refined = RefinedInverse(model, task, curv, train, steps=2).describe()
-    assert calibrated(refined) and "nats" in units_note(refined, 100)
-    assert not calibrated(curv.describe()) and "is a score, not nats" in units_note(curv.describe(), 100)
+    corrected = {"pool": 30, "candidates": 12, "factors": {"3": 0.5}}
+    assert calibrated(refined, corrected) and "in nats" in units_note(refined, 100, corrected)
+    for skipped in (None, {"skipped": "over budget"}):  # uncorrected hits of a refined scan are a score
+        assert not calibrated(refined, skipped)
+        assert "not corrected for their own curvature" in units_note(refined, 100, skipped)
+    assert not calibrated(curv.describe(), corrected) and "is a score, not nats" in units_note(curv.describe(), 100)
     assert not calibrated(RefinedInverse(model, task, curv, train, steps=0).describe())
     assert not calibrated(None)
 

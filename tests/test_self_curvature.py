@@ -68,7 +68,8 @@ def test_self_correction_uses_the_curvatures_quadratic_form() -> None:
 
 
 def test_scan_rescales_its_hits_by_their_leave_one_in_factors() -> None:
-    from influencer.refine import RefinedInverse, sample_rows
+    from influencer.refine import RefinedInverse
+    from influencer.refine_plan import sample_rows
     from influencer.scan import POOL
     from influencer.self_curvature import hit_factors
 
@@ -104,14 +105,12 @@ def test_scan_rescales_its_hits_by_their_leave_one_in_factors() -> None:
             assert h.score == pytest.approx(corrected[h.index], rel=1e-9)
             assert float(h.tokens.sum()) == pytest.approx(h.score, rel=1e-9)
             assert sum(h.layers.values()) == pytest.approx(h.score, rel=1e-9)
-    # a sequence inside the refinement sample keeps (1 + c s / M) of its own term, one outside gets 1 / (1 + c s / N)
+    # every hit, inside the refinement sample or not, gets 1 / (1 + c s / N)
     m = fixed.meta["inverse"]["data_size"]
-    sample = set(sample_rows(64, m, 0).tolist())
+    assert set(sample_rows(64, m, 0).tolist()) & set(factors)  # the pool holds sample members
     raw_cs = self_correction(model, task, curv, train, sorted(factors), n_train=64)
     for i, f in factors.items():
-        cs = raw_cs[i]["c"] * raw_cs[i]["s"]
-        expected = (1 + cs / m) / (1 + cs / 64) if i in sample else 1 / (1 + cs / 64)
-        assert f == pytest.approx(expected, rel=1e-9)
+        assert f == pytest.approx(1 / (1 + raw_cs[i]["c"] * raw_cs[i]["s"] / 64), rel=1e-9)
     plain = inf.scan(model, task, curv, queries, train, **{**kw, "refine": 0})
     assert plain.meta["self_correction"] is None  # the paper's plain estimate stays as it is
 

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     citations = [v["citation"] for v in verses]
     scores = result.scores
     assert scores is not None
-    unit = "nats" if calibrated(inverse) else "(score)"
+    unit = "nats" if calibrated(inverse, result.meta.get("self_correction")) else "(score)"
     for q, (prompt, completion, source) in enumerate(QUERIES):
         print(f"Query {q + 1}: {prompt!r} → {completion!r}")
         for rank, hit in enumerate(result.top(q, args.top), 1):
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         print()
     paris = len(QUERIES) - 1
     _print_completion_split(model, task, result, curv, queries, train, paris, tok, citations, refine)
-    print(textwrap.fill(units_note(inverse, result.n_train), 110, break_on_hyphens=False))
+    note = units_note(inverse, result.n_train, result.meta.get("self_correction"))
+    print(textwrap.fill(note, 110, break_on_hyphens=False))
     if (note := correction_note(result.meta)) is not None:
         print(textwrap.fill(note, 110, break_on_hyphens=False))
     print("[brackets] mark the 3 tokens with the largest tokenwise influence (the token before a predicted one).")
@@ -178,7 +179,7 @@ def _print_completion_split(
     inverse: Any = curv
     meta = result.meta["inverse"]
     if meta["inverse"] == "refined":  # the scan's own inverse: the same steps over the same seeded sample
-        from influencer.refine import sample_rows
+        from influencer.refine_plan import sample_rows
 
         rows = sample_rows(meta["sample_of"], meta["data_size"], meta["seed"])
         inverse = RefinedInverse(model, task, curv, take_rows(train, rows), steps=meta["steps"])

@@ -50,7 +50,8 @@ class ProbeResult:
     """Influences of the synthetic sequences on the query, per condition.
 
     sequences[condition]: the texts; influence[condition]: their influences (raw scores I, same order);
-    per_copy: influence / n_train; nats: whether per-copy values are calibrated nats (a refined inverse).
+    per_copy: influence / n_train; nats: whether per-copy values are calibrated nats (never here: the synthetic
+    sequences are not corrected for their own curvature, so compare the orders by their ratio).
     """
 
     prompt: str
@@ -124,7 +125,7 @@ def word_order_probe(
 
     prompt_phrase / completion_phrase: the phrases placed in the sequences (default: the prompt and the
     completion themselves). n_train: N for per-copy values (default: the curvature's). Returns a
-    :class:`ProbeResult`; its ``nats`` says whether per-copy values are calibrated (a refined inverse).
+    :class:`ProbeResult`; its ``nats`` says whether per-copy values are calibrated (see :mod:`influencer.units`).
     """
     from influencer.data import tokenize_queries, tokenize_texts
     from influencer.units import calibrated

@@ -30,7 +30,7 @@ from influencer.layers import Layer
 from influencer.passes import amp_aware, batches, compute_dtype, eval_mode, layer_io
 from influencer.progress import Bar, progress_bar
 from influencer.queries import LayerQueries, QueryStore
-from influencer.refine import default_inverse
+from influencer.refine_plan import default_inverse
 from influencer.tasks import Task
 
 BANDS = ("lower", "middle", "upper")
@@ -438,7 +438,7 @@ def scan(
     inverse: a fitted :class:`~influencer.curvature.Curvature` or any :class:`~influencer.curvature.Inverse`.
     refine: how the queries are preconditioned when ``inverse`` is a curvature. ``"auto"`` (default): refined on
     the full damped Gauss-Newton matrix (:class:`~influencer.refine.RefinedInverse`) over a seeded random sample
-    of ``train``, with CG steps and sample size chosen by :func:`~influencer.refine.plan_refinement` so that the
+    of ``train``, with CG steps and sample size chosen by :func:`~influencer.refine_plan.plan_refinement` so that the
     refinement costs at most the scan itself on small corpora and ≤ 10 % of it from 100k scanned sequences;
     an int: that many CG steps (sample size still from the cost model); 0: the curvature's own answer (the
     paper's plain EK-FAC). What was used is in ``result.meta["inverse"]`` and ``result.meta["refine_plan"]``.
@@ -731,7 +731,7 @@ def _scan(
     factors: dict[int, float] = {}
     correction = None
     if correct:
-        from influencer.refine import refinement_share
+        from influencer.refine_plan import pass_flops, refinement_share, scan_pass_cost
         from influencer.self_curvature import OWN_CURVATURE_COST, hit_factors
 
         def distinct(k: int) -> list[int]:
@@ -739,8 +739,10 @@ def _scan(
             return sorted({int(i) for t in lists for i in t.indices[:, :k].flatten()} - {-1})
 
         # the correction costs ~OWN_CURVATURE_COST passes per distinct candidate: keep it within the share of the
-        # scan that the refinement may spend (shrink the pool to the kept hits, else skip it and say so)
-        allowed = refinement_share(len(order)) * len(order) / OWN_CURVATURE_COST
+        # scan's cost (in passes, as the refinement's plan counts it) that the refinement may spend — shrink the
+        # pool to the kept hits, else skip it and say so
+        scan_cost = scan_pass_cost(q, layers, store.rank, pass_flops(model))
+        allowed = refinement_share(len(order)) * len(order) * scan_cost / OWN_CURVATURE_COST
         depth = top_k
         pool = distinct(depth)
         if len(pool) > allowed and not self_correct:

@@ -18,7 +18,6 @@ parts alike (they still sum to the total).
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
@@ -109,14 +108,6 @@ def self_correction(
     return out
 
 
-def _example_key(example: Any) -> bytes:
-    parts = example.values() if isinstance(example, dict) else example
-    h = hashlib.sha256()
-    for t in parts:
-        h.update(torch.as_tensor(t).detach().cpu().contiguous().numpy().tobytes())
-    return h.digest()
-
-
 def hit_factors(
     model: nn.Module,
     task: Task,
@@ -127,20 +118,14 @@ def hit_factors(
     n_train: int,
     progress: bool = False,
 ) -> dict[int, float]:
-    """The leave-one-in factor of each training index for scores made with ``inverse``: 1 / (1 + c s / N) restores
-    a sequence's own curvature at its weight 1/N; a sequence inside a refined inverse's sample already carries it at
-    weight 1/sample, so its factor is (1 + c s / sample) / (1 + c s / N)."""
-    curvature = inverse.curvature
-    raw = self_correction(model, task, curvature, train, indices, n_train=n_train, progress=progress)
-    sample = getattr(inverse, "data", None)
-    keys: set[bytes] = set()
-    if sample is not None and inverse.describe().get("inverse") == "refined":
-        ds = task.as_dataset(sample)
-        keys = {_example_key(ds[i]) for i in range(len(ds))}  # type: ignore[arg-type]
-    dataset = task.as_dataset(train)
-    out = {}
-    for i, r in raw.items():
-        cs = r["c"] * r["s"]
-        inside = cs / len(keys) if keys and _example_key(dataset[i]) in keys else 0.0
-        out[i] = (1.0 + inside) / (1.0 + cs / n_train)
-    return out
+    """The leave-one-in factor 1 / (1 + c s / N) of each training index for scores made with ``inverse`` (a
+    curvature or one refined over a sample): it restores the sequence's own curvature at its weight 1/N.
+
+    A member of a refined inverse's sample also gets this factor. Its own term sits in the sample's Gauss-Newton
+    matrix at weight 1/M, but a few CG steps act on it only through the directions the query's Krylov space
+    reaches: one step is a single scalar per query, so a member's unrelated score is not damped at all. Boosting
+    members by (1 + c s / M) put all 19 members of a 1-step sample above every planted fact on the fine-tuned
+    SmolLM2 (recall@1 0.0, docs/VALIDATION.md §9); treating them like the rest can at worst understate a member
+    that the refinement already damped."""
+    raw = self_correction(model, task, inverse.curvature, train, indices, n_train=n_train, progress=progress)
+    return {i: 1.0 / (1.0 + r["c"] * r["s"] / n_train) for i, r in raw.items()}

@@ -46,7 +46,7 @@ def probe(
     from influencer.data import sequence_digest
     from influencer.io import atomic_write_json
     from influencer.probe import word_order_probe
-    from influencer.refine import default_inverse
+    from influencer.refine_plan import default_inverse
     from influencer.runs import CURVATURE, read_run
     from influencer.units import units_note
 

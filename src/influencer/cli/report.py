@@ -75,7 +75,7 @@ def report(
             notes.append(f"BM25 prefilter: top {request['settings']['prefilter']} sequences per query were scored")
         from influencer.units import units_note
 
-        notes.append(units_note(result.meta.get("inverse"), result.n_train))
+        notes.append(units_note(result.meta.get("inverse"), result.n_train, result.meta.get("self_correction")))
         with timer.stage("write report"):
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")

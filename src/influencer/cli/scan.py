@@ -297,6 +297,13 @@ def scan(
         help="Refine over a sample of N of the fit's sequences.",
         rich_help_panel=_SCAN,
     ),
+    self_correct: str = typer.Option(
+        "auto",
+        "--self-correct",
+        help="Correct the hits for their own curvature (leave-one-in; per-copy values are nats only then): auto "
+        "(for a refined scan, within the refinement's budget; skipped and said so otherwise), on, or off.",
+        rich_help_panel=_SCAN,
+    ),
     split_completion: bool = typer.Option(
         False,
         "--split-completion",
@@ -389,6 +396,10 @@ def scan(
     fmt, text_unit, truncation = _value(fmt), _value(text_unit), _value(truncation)
     query_truncation, dtype = _value(query_truncation), _value(dtype)
     refine_steps = _refine_option(refine)
+    corrections = {"auto": None, "on": True, "off": False}
+    if self_correct.strip().lower() not in corrections:
+        raise UserError(f"--self-correct takes auto, on or off, got {self_correct!r}")
+    correct = corrections[self_correct.strip().lower()]
     import influencer as inf
     from influencer.data import encode_queries, sequence_digest
     from influencer.io import atomic_write_json
@@ -496,7 +507,7 @@ def scan(
         if refine_batch is not None:
             import torch
 
-            from influencer.refine import default_inverse
+            from influencer.refine_plan import default_inverse
 
             n_scan = len(seqs) if candidates is None else int(torch.unique(torch.cat(list(candidates))).numel())
             inverse, plan = default_inverse(
@@ -531,6 +542,7 @@ def scan(
                     shard_size=shard_size,
                     n_train=n_train,
                     refine=0,  # decided above, over the fit's sequences
+                    self_correct=correct,
                     progress=True,
                 )
             except ValueError as exc:
@@ -573,6 +585,7 @@ def scan(
                 "refine_sequences": refine_sequences,
                 "refine_plan": None if plan is None else plan.to_dict(),
                 "split_completion": split_completion,
+                "self_correct": self_correct,
                 "inverse": inverse.describe(),
                 "n_train": result.n_train,
                 "device": device,
@@ -592,10 +605,10 @@ def scan(
     result.directory = run / SCAN
     from influencer.units import calibrated, correction_note, units_note
 
-    nats = calibrated(inverse.describe())
+    nats = calibrated(inverse.describe(), result.meta.get("self_correction"))
     if _main_rank():
         _print_hits(console, tok, result, query_list, seqs, show=show, per_layer=per_layer, nats=nats)
-    _say(console, units_note(inverse.describe(), result.n_train))
+    _say(console, units_note(inverse.describe(), result.n_train, result.meta.get("self_correction")))
     if (note := correction_note(result.meta)) is not None:
         _say(console, note)
     _say(console, f"wrote {run / SCAN}")

@@ -103,7 +103,7 @@ def render_report(
         "prefiltered": bool(meta.get("prefiltered")),
         "summary": _summary(result, full is not None),
         "queries": pages,
-        "nats": calibrated(meta.get("inverse")),
+        "nats": calibrated(meta.get("inverse"), meta.get("self_correction")),
     }
     return env.get_template("report.html.j2").render(**context)
 
