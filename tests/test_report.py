@@ -57,32 +57,10 @@ def scans():
     train = zoo.token_data(N_TRAIN, t=T)
     queries = {"input_ids": zoo.token_data(2, t=8, seed=3), "prompt_length": torch.tensor([3, 4])}
     curv = inf.fit_curvature(model, task, train, progress=False)
-    full = inf.scan(  # hits corrected for their own curvature (forced: too small a corpus to pay for it)
-        model,
-        task,
-        curv,
-        queries,
-        train,
-        rank=8,
-        top_k=TOP,
-        batch_size=20,
-        keep_scores=True,
-        self_correct=True,
-        progress=False,
-    )
-    plain = inf.scan(
-        model,
-        task,
-        curv,
-        queries,
-        train,
-        rank=8,
-        top_k=TOP,
-        batch_size=20,
-        tokens=False,
-        candidates=torch.arange(0, N_TRAIN, 2),
-        progress=False,
-    )
+    kw = {"rank": 8, "top_k": TOP, "batch_size": 20, "progress": False}
+    # hits corrected for their own curvature (forced: too small a corpus to pay for it)
+    full = inf.scan(model, task, curv, queries, train, keep_scores=True, self_correct=True, **kw)
+    plain = inf.scan(model, task, curv, queries, train, tokens=False, candidates=torch.arange(0, N_TRAIN, 2), **kw)
     return train, full, plain
 
 
