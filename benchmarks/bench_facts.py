@@ -145,6 +145,7 @@ def main() -> None:
     n = len(setup.docs)
     print(f"corpus: {n} sequences ({int(setup.train['attention_mask'].sum())} tokens); model {setup.folder}")
     fits: dict[str, tuple[inf.Curvature, float]] = {}
+    measured: set[tuple[str, str]] = set()  # the (form, method) rows this run wrote; others on disk are kept
     out = Path(args.out) / setup.folder.name
     previous = out / "results.json"  # rows of earlier runs on this model are kept unless this run redoes them
     results: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {"forms": {}}
@@ -208,6 +209,7 @@ def main() -> None:
             ranks = ranks_of(scores, rows)
             per[method] = {**metrics(ranks), "seconds": seconds, "ranks": ranks, **extra, **run_info}
             report(form, method, per[method])
+            measured.add((form, method))
             if args.self_correct and method in ("ekfac", "refined"):
                 factors, factor_seconds = self_factors(setup, task, fits["ekfac"][0])
                 fixed = scores * factors[None, :]
@@ -222,14 +224,26 @@ def main() -> None:
                     **run_info,
                 }
                 report(form, name, per[name])
+                measured.add((form, name))
             results.setdefault("fit_seconds", {}).update({k: v[1] for k, v in fits.items()})
-            save(out, results)  # after every row: a long run keeps what it measured
+            save(out, results, measured)  # after every row: a long run keeps what it measured
     print(render(results))
 
 
-def save(out: Path, results: dict[str, Any]) -> None:
+def save(out: Path, results: dict[str, Any], measured: set[tuple[str, str]] | None = None) -> None:
+    """Write results; rows another run wrote to the file meanwhile are kept (only ``measured`` rows are ours)."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", results)
+    path = out / "results.json"
+    if measured is not None and path.is_file():
+        on_disk = json.loads(path.read_text())
+        if on_disk.get("layers") == results.get("layers"):
+            for form, rows in on_disk.get("forms", {}).items():
+                for method, row in rows.items():
+                    if (form, method) not in measured:
+                        results["forms"].setdefault(form, {})[method] = row
+            for key, seconds in on_disk.get("fit_seconds", {}).items():
+                results.setdefault("fit_seconds", {}).setdefault(key, seconds)
+    atomic_write_json(path, results)
     (out / "table.md").write_text(render(results))
 
 

@@ -13,7 +13,7 @@ Setups (defaults are the sizes of the speed issue):
 
 1. ``tiny``: a random-init float32 Llama (4 layers, hidden 256, MLP 1024, 4 heads, vocab 4096), 2048 random-token
    sequences × 64 tokens, batch 32, MLP layers tracked;
-2. ``smollm2``: SmolLM2-135M (the built-in, de-quantized to float32), its 90 MLP linears (30 blocks),
+2. ``smollm2``: SmolLM2-135M-Instruct (the built-in, de-quantized to float32), its 90 MLP linears (30 blocks),
    256 KJV sequences × 48 tokens (verses packed end to end), batch 8.
 
 Each measurement is warmed up once on the first two batches, then the three passes are repeated in turn
@@ -43,8 +43,8 @@ import torch
 
 import influencer
 from influencer import capture as capture_mod
-from influencer.curvature import fit as fit_mod
 from influencer.curvature import linalg as linalg_mod
+from influencer.curvature import sums as fit_mod  # the passes and their kernels (sums.py since the split)
 from influencer.curvature.core import LayerFactors
 from influencer.layers import select_layers
 from influencer.passes import eval_mode
@@ -200,7 +200,8 @@ def profile_setup(setup: Setup, factors: dict[str, LayerFactors]) -> dict[str, d
             (fit_mod, "rotate", lambda f, t=t: t.wrap("_rotate_outer", f)),  # shared ā Q_A, since 87d8ad3
         ]
         optional = {
-            "influencer.curvature.fit." + x for x in ("accumulate_squared_grads", "rotated_per_example_grads", "rotate")
+            "influencer.curvature.sums." + x
+            for x in ("accumulate_squared_grads", "rotated_per_example_grads", "rotate")
         }
         run, fresh = make_run(setup, setup.train)
         with patched(patches) as missing, eval_mode(setup.model):

@@ -1,6 +1,6 @@
 """Fit + scan on a GPU: tokens/s and peak GPU memory per stage, in bf16 and fp32 (issue 6).
 
-    python benchmarks/bench_gpu.py                      # SmolLM2-135M, KJV verses, every precision
+    python benchmarks/bench_gpu.py                      # SmolLM2-135M-Instruct, KJV verses, every precision
     python benchmarks/bench_gpu.py --random-init        # same architecture with random weights (no GGUF needed)
 
 Stages, each timed with CUDA synchronisation and its own peak-memory counter:
@@ -73,7 +73,7 @@ def stage(name: str, results: dict[str, dict[str, float]], tokens: int) -> Itera
 @contextlib.contextmanager
 def fit_breakdown() -> Iterator[dict[str, float]]:
     """Seconds in each fitting pass (covariance, eigenvalues) and in the eigendecompositions (CUDA-synchronised)."""
-    from influencer.curvature import fit as fit_mod
+    from influencer.curvature import sums as fit_mod  # eigh_blocks and _Fit live in sums.py
 
     parts: dict[str, float] = {"eigendecompositions": 0.0}
 
@@ -251,7 +251,7 @@ def markdown(args: argparse.Namespace, runs: list[dict[str, Any]], env: dict[str
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--random-init", action="store_true", help="SmolLM2-135M architecture with random weights")
+    p.add_argument("--random-init", action="store_true", help="SmolLM2-135M-Instruct architecture with random weights")
     p.add_argument("--precisions", default="bf16,autocast,fp32")
     p.add_argument("--fit-seqs", type=int, default=2048)
     p.add_argument("--scan-seqs", type=int, default=8192)
@@ -273,9 +273,9 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu threads": str(torch.get_num_threads()),
-        "model": "SmolLM2-135M architecture, random weights"
+        "model": "SmolLM2-135M-Instruct architecture, random weights"
         if args.random_init
-        else "SmolLM2-135M (built-in GGUF, de-quantized)",
+        else "SmolLM2-135M-Instruct (built-in GGUF, de-quantized)",
         "data": "random token ids" if args.random_init else "KJV verses, one per sequence",
     }
     model, train, text = load(args.random_init, max(args.fit_seqs, args.scan_seqs), args.max_len)

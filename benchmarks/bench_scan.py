@@ -19,7 +19,7 @@ Q uses its first Q queries. Setups (defaults):
 1. ``tiny``: ``bench_fit``'s random-init float32 Llama (4 layers, hidden 256, MLP 1024, 4 heads, vocab 4096),
    512 random-token sequences × 64 tokens, batch 32, MLP layers; queries: random 24-token sequences whose last
    12 tokens are the completion;
-2. ``smollm2``: SmolLM2-135M (built-in, float32), the 90 MLP linears of its 30 blocks, 64 KJV sequences × 48
+2. ``smollm2``: SmolLM2-135M-Instruct (built-in, float32), the 90 MLP linears of its 30 blocks, 64 KJV sequences × 48
    tokens (verses packed end to end), batch 8; queries: KJV verses from verse 20000 on, split in the middle
    into prompt and completion. Only the first ``--smol-distinct`` (16) queries are distinct (building the store
    costs 10–20 s per query on one core); larger Q repeat them, which changes no shape and so no cost (the hits of
@@ -74,8 +74,10 @@ from benchkit import (
     write_results,
 )
 
-# the module (the package attribute ``influencer.scan`` is the function of the same name)
+# the package (the attribute ``influencer.scan`` is the function of the same name)
 scan_mod = importlib.import_module("influencer.scan")
+_LayerScorer = importlib.import_module("influencer.scan.contract")._LayerScorer
+_State = importlib.import_module("influencer.scan.topk")._State
 
 
 TARGET = 1.5  # scan ≤ 1.5 × floor at Q = 64 (issue 3)
@@ -444,15 +446,15 @@ def profile_setup(
             (setup.task, "train_loss", lambda f, t=t: t.wrap("loss (NLL)", f)),
             (capture_mod.Capture, "gradients", lambda f, t=t: t.wrap("_gradients", f)),
             (capture_mod, "_per_token", lambda f, t=t: t.wrap("_per_token", f)),
-            (scan_mod._LayerScorer, "__init__", lambda f, t=t: t.wrap("scorer setup (query copies, dense P)", f)),
+            (_LayerScorer, "__init__", lambda f, t=t: t.wrap("scorer setup (query copies, dense P)", f)),
             (scan_mod, "_choose_modes", lambda f, t=t: t.wrap("cost model", f)),
-            (scan_mod._State, "update", lambda f, t=t: t.wrap("top-k bookkeeping (_State.update)", f)),
-            (scan_mod._State, "merge", lambda f, t=t: t.wrap("top-k bookkeeping (_State.update)", f)),
+            (_State, "update", lambda f, t=t: t.wrap("top-k bookkeeping (_State.update)", f)),
+            (_State, "merge", lambda f, t=t: t.wrap("top-k bookkeeping (_State.update)", f)),
         ]
         if name == "scan":
-            patches.append((scan_mod._LayerScorer, "scores", lambda f, t=t: per_layer_scores(f, t)))
+            patches.append((_LayerScorer, "scores", lambda f, t=t: per_layer_scores(f, t)))
         else:
-            patches.append((scan_mod._LayerScorer, "token_scores", lambda f, t=t: t.wrap("token contraction", f)))
+            patches.append((_LayerScorer, "token_scores", lambda f, t=t: t.wrap("token contraction", f)))
         with patched(patches) as missing:
             t0 = time.perf_counter()
             if name == "scan":

@@ -90,7 +90,7 @@ def random_rows(vocab: int, n: int, length: int, seed: int = SEED) -> torch.Tens
 
 
 def smollm2_packed(n: int, length: int, batch_size: int) -> tuple[Any, Setup]:
-    """SmolLM2-135M (float32) and ``n`` rows of ``length`` tokens of KJV verses packed end to end.
+    """SmolLM2-135M-Instruct (float32) and ``n`` rows of ``length`` tokens of KJV verses packed end to end.
 
     Returns (tokenizer, setup named ``smollm2``).
     """
@@ -111,7 +111,7 @@ def smollm2_packed(n: int, length: int, batch_size: int) -> tuple[Any, Setup]:
     rows = torch.tensor(ids[:need], dtype=torch.long).view(n, length)
     n_params = sum(p.numel() for p in model.parameters())
     desc = (
-        f"SmolLM2-135M (built-in, de-quantized fp32): 30 layers, hidden 576, MLP 1536, vocab "
+        f"SmolLM2-135M-Instruct (built-in, de-quantized fp32): 30 layers, hidden 576, MLP 1536, vocab "
         f"{model.config.vocab_size}, tied head, {n_params / 1e6:.1f} M params, "
         f"attention={model.config._attn_implementation}; KJV verses packed into {length}-token rows"
     )

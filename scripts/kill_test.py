@@ -178,8 +178,10 @@ def check_same(run: Path, ref: Path, n_train: int) -> None:
         for key in a:
             if not torch.equal(a[key], b[key]):
                 raise AssertionError(f"{rel}: '{key}' differs from the uninterrupted run")
-    ma = json.loads((run / "fit/curvature/manifest.json").read_text())
-    mb = json.loads((ref / "fit/curvature/manifest.json").read_text())
+    from influencer.io import read_json
+
+    ma = read_json(run / "fit/curvature/manifest.json", sealed=True)  # verified; the seal covers save_token
+    mb = read_json(ref / "fit/curvature/manifest.json", sealed=True)
     ma.pop("save_token"), mb.pop("save_token")
     if ma != mb:
         raise AssertionError("fit manifests differ")

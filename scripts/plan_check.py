@@ -1,6 +1,6 @@
 """Compare influencer.plan's predictions with a measured run (peak RSS and time per stage), each in a fresh process.
 
-    OMP_NUM_THREADS=1 python scripts/plan_check.py                       # built-in SmolLM2-135M, MLPs of blocks 0-5
+    OMP_NUM_THREADS=1 python scripts/plan_check.py             # built-in SmolLM2-135M-Instruct, MLPs of blocks 0-5
     OMP_NUM_THREADS=1 python scripts/plan_check.py --layers mlp --n-train 128 --json out.json
 
 The measured run fits EK-FAC, builds the rank-k query store and scans (no token pass), sampling the process's

@@ -258,7 +258,16 @@ def test_figures(tmp_path) -> None:
     hit = Hit(
         0, 7, float(lt.sum()), float(lt.sum()) / 10, dict(zip(names, lt.sum(1).tolist(), strict=True)), lt.sum(0), lt
     )
-    plot_layer_profile([hit, hit], names, save=tmp_path / "layers.png")
+    fig = plot_layer_profile([hit, hit], names, save=tmp_path / "layers.png")
+    assert fig.axes[0].get_yscale() == "linear"  # comparable hits: a linear axis
+    big = Hit(0, 8, 1e4, 1e3, {n: 1e4 / 3 for n in names})
+    fig = plot_layer_profile([big, hit], names)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "symlog"  # one hit 10⁴× the other would flatten it on a linear axis
+    legend = ax.get_legend()
+    fig.canvas.draw()
+    box, axes_box = legend.get_window_extent(), ax.get_window_extent()
+    assert box.x0 >= axes_box.x1 - 1  # the legend sits beside the axes, never over the lines
     tokens = ["$x$", "<script>", "\n", "50% $"]  # no mathtext, no crash on odd strings
     fig = plot_layer_tokens(hit, names, tokens, save=tmp_path / "heat.png")
     assert (tmp_path / "heat.png").read_bytes()[:8] == PNG

@@ -540,7 +540,16 @@ def test_report_calls_write_report_with_the_documented_arguments(ws, tmp_path, m
     calls = []
 
     def write_report(
-        result, path, *, queries, train_tokens, train_text=None, title="influencer report", top=10, notes=()
+        result,
+        path,
+        *,
+        queries,
+        train_tokens,
+        train_text=None,
+        train_source=None,
+        title="influencer report",
+        top=10,
+        notes=(),
     ):
         calls.append(
             {
@@ -548,6 +557,7 @@ def test_report_calls_write_report_with_the_documented_arguments(ws, tmp_path, m
                 "queries": queries,
                 "tokens": train_tokens(0),
                 "text": train_text(0),
+                "source": train_source(0),
                 "title": title,
                 "top": top,
                 "notes": list(notes),
@@ -572,6 +582,7 @@ def test_report_calls_write_report_with_the_documented_arguments(ws, tmp_path, m
     ]
     first = kjv_verses(1)[0]["text"]
     assert "".join(call["tokens"]) == first and call["text"].endswith(first)
+    assert call["source"] == "train.jsonl:1"  # the hit's source goes to the page's hit header
     assert any("ekfac" in n for n in call["notes"])
 
 
@@ -589,7 +600,9 @@ def test_demo_writes_a_report_when_the_module_exists(ws, tmp_path, monkeypatch):
     seen = {}
 
     def write_report(result, path, **kwargs):
-        seen.update(kwargs, text=kwargs["train_text"](0), tokens=kwargs["train_tokens"](0))
+        seen.update(
+            kwargs, text=kwargs["train_text"](0), tokens=kwargs["train_tokens"](0), source=kwargs["train_source"](0)
+        )
         Path(path).write_text("ok")
         return Path(path)
 
@@ -600,7 +613,8 @@ def test_demo_writes_a_report_when_the_module_exists(ws, tmp_path, monkeypatch):
         demo._write_report(result, tok, train, verses, tmp_path / "d" / "r.html", top=3, n_fit=len(verses))
         == tmp_path / "d" / "r.html"
     )
-    assert seen["text"] == f"Genesis 1:1: {verses[0]['text']}" and "".join(seen["tokens"]) == verses[0]["text"]
+    assert seen["text"] == verses[0]["text"] and "".join(seen["tokens"]) == verses[0]["text"]
+    assert seen["source"] == "Genesis 1:1"  # the verse is named in the hit's header
     assert [q["completion"] for q in seen["queries"]] == [c for _, c, _ in demo.QUERIES] and seen["top"] == 3
 
 
@@ -631,7 +645,7 @@ def test_interrupted_scan_resumes(ws, tmp_path, monkeypatch):
     assert result.exit_code == 130 and "error: interrupted" in result.output
     assert (run / "scan.partial" / "scan.json").is_file() and not (run / "scan").exists()
     line = error_line(invoke("scan", run, "-p", "Other", "-c", " query", "--shard-size", "10", "--no-tokens"))
-    assert "unfinished scan of other queries" in line and "--overwrite" in line
+    assert "unfinished scan made with" in line and "--overwrite" in line
     out = ok(invoke("scan", run, "--queries", ws.queries, "--shard-size", "10", "--no-tokens"))
     assert "resuming the unfinished scan" in out
     assert (run / "scan" / "result.json").is_file() and not (run / "scan.partial").exists()
@@ -870,16 +884,26 @@ def test_library_progress_goes_through_installed_bars(ws):
     train = _train_batch(tok)
     with use_bars(Bar):
         curv = inf.fit_curvature(model, task, train, batch_size=8, progress=True)
-        inf.scan(model, task, curv, inf_queries(tok), train, batch_size=8, progress=True)
+        result = inf.scan(model, task, curv, inf_queries(tok), train, batch_size=8, progress=True)
         inf.fit_curvature(model, task, train, batch_size=8, progress=False)  # off: no bars
+    rows = len(_hit_rows(result))  # the token pass steps once per distinct training sequence among the hits
     assert events == [
         ("covariance", 24, 24),
         ("eigendecomposition", 10, 10),
         ("eigenvalue correction", 24, 24),
         ("query gradients", 2, 2),
         ("scan", 24, 24),
-        ("token attribution", events[-1][1], events[-1][1]),
+        ("token attribution", rows, rows),
     ]
+
+
+def _hit_rows(result) -> set[int]:
+    """The training sequences among a scan's hits: top, bottom and band lists of every query."""
+    from influencer.scan import BANDS
+
+    lists = [result.top(q, **kw) for q in range(result.n_queries) for kw in ({}, {"negative": True})]
+    lists += [result.top(q, band=b) for q in range(result.n_queries) for b in BANDS]
+    return {h.index for hits in lists for h in hits}
 
 
 def test_rich_bars_render_and_time_stages():

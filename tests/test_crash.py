@@ -12,11 +12,11 @@ import torch
 
 import influencer as inf
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kill_test.py"
+_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def _kill_test():
-    spec = importlib.util.spec_from_file_location("kill_test", _SCRIPT)
+def _kill_test(name: str = "kill_test"):
+    spec = importlib.util.spec_from_file_location(name, _SCRIPTS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -27,6 +27,15 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     summary = _kill_test().run_kill_test(3, n_train=1200, seed=1, base=tmp_path, log=lambda *_: None)
     print(f"\nkill test: {summary}")
     assert summary["kills"] == 3
+
+
+def test_sigkill_the_command_line_fit_then_rerun(tmp_path: Path) -> None:
+    """scripts/kill_cli_fit.py (≥ 20 kills when run by hand; 3 here): the same `influencer fit` command,
+    run again after a SIGKILL, finishes with the uninterrupted run's factors bit for bit."""
+    pytest.importorskip("transformers")
+    summary = _kill_test("kill_cli_fit").run_kill_test(3, seed=2, base=tmp_path, log=lambda *_: None)
+    print(f"\ncommand-line kill test: {summary}")
+    assert summary["kills"] == 3 and summary["rounds"] >= 1
 
 
 def test_resumable_fit_checkpoints_and_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,10 +8,10 @@ import torch
 import zoo
 
 import influencer as inf
-from influencer import sampling
-from influencer.curvature.fit import _STREAM_DIAGONAL
+from influencer.curvature.fit import _STREAM_COVARIANCE, _STREAM_DIAGONAL, _STREAM_LAMBDA
 
 REL = 1e-6
+FACTOR_REL = 1e-10  # A, S, Λ, K-FAC's T̄·S⊗A and self-influence: float64 all the way, eigh included
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -119,6 +119,100 @@ def test_ekfac_equals_dense_eigenbasis_inverse(setup: str, blocks: int) -> None:
     assert rel_err(scores.total, total) < REL
 
 
+def _block_sizes(bases: list[torch.Tensor], d: int, blocks: int) -> list[int]:
+    """Sizes of a factor's diagonal blocks: ``blocks`` contiguous blocks of (nearly) equal size covering d."""
+    sizes = [q.shape[0] for q in bases]
+    assert len(sizes) == blocks and sum(sizes) == d and max(sizes) - min(sizes) <= 1
+    return sizes
+
+
+def _block_diagonal_part(m: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """m with everything outside the diagonal blocks of the given sizes set to zero."""
+    return torch.block_diag(*(b[:, i : i + n] for b, i, n in zip(m.split(sizes), _starts(sizes), sizes, strict=True)))
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def _ragged_lm():
+    """Ragged sequences (padded in the fit's batches) with a loss mask, tracking the output head too."""
+    model = zoo.tiny_llama(hidden=8, intermediate=12)
+    ids = zoo.token_data(7, t=9, seed=7)
+    train = [{"input_ids": ids[i, : 3 + i]} for i in range(7)]
+    train[4]["loss_mask"] = torch.tensor([1, 0, 0, 1, 1, 0, 1])
+    return model, inf.CausalLM(), train, [*(x.name for x in inf.select_layers(model, "all")), "lm_head"]
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+@pytest.mark.parametrize("setup", [*SETUPS, "llama-ragged-with-head"])
+def test_kronecker_factors_and_eigenvalues_equal_their_definitions(setup: str, fisher: str, blocks: int) -> None:
+    """A = mean over tokens of ā āᵀ, S = mean over tokens of g gᵀ (brute force per sequence, own hooks), the
+    bases are eigenbases of those (compared as matrices: any valid eigenbasis passes, no other), EK-FAC's
+    Λ = (1/N) Σ_n (Q_Sᵀ Ĝ_n Q_A)⊙² with Ĝ_n the per-sequence gradient, and K-FAC's curvature is T̄ · S ⊗ A.
+    fisher="true": the reference draws the same keyed labels itself (seed 11, the stage's stream)."""
+    if setup == "llama-ragged-with-head":
+        model, task, train, layers = _ragged_lm()
+    else:
+        (model, task, train, _queries), layers = SETUPS[setup], "all"
+    kw = {"fisher": fisher, "layers": layers, "blocks": blocks, "seed": 11, "batch_size": 4, "progress": False}
+    ekfac = inf.fit_curvature(model, task, train, strategy="ekfac", **kw)
+    kfac = inf.fit_curvature(model, task, train, strategy="kfac", **kw)
+    names = ekfac.layer_names
+    n = len(ref.examples(task, train))
+    loss = "sampled" if fisher == "true" else "train"
+
+    def keys(stream: int) -> torch.Tensor | None:
+        return ref.example_keys(11, stream, range(n)) if fisher == "true" else None
+
+    factors = ref.kronecker_factors(model, task, train, names, loss=loss, keys=keys(_STREAM_COVARIANCE))
+    grads = ref.per_example_grads(model, task, train, names, loss=loss, keys=keys(_STREAM_LAMBDA))
+    shapes = ref.layer_matrix_shapes(model, names)
+    for name, g, (d_out, w) in zip(names, ref.split_by_layer(grads, shapes), shapes, strict=True):
+        want, f, fk = factors[name], ekfac.layers[name], kfac.layers[name]
+        assert f.tokens == fk.tokens == want.tokens
+        a_ref = _block_diagonal_part(want.a, _block_sizes(f.qa, w, blocks))
+        s_ref = _block_diagonal_part(want.s, _block_sizes(f.qs, d_out, blocks))
+        q_a, q_s = torch.block_diag(*f.qa), torch.block_diag(*f.qs)
+        assert rel_err(q_a @ torch.diag(f.eig_a) @ q_a.T, a_ref) < FACTOR_REL
+        assert rel_err(q_s @ torch.diag(f.eig_s) @ q_s.T, s_ref) < FACTOR_REL
+        for q, m, eig in ((q_a, a_ref, f.eig_a), (q_s, s_ref, f.eig_s)):
+            eye = torch.eye(len(q), dtype=torch.float64)
+            torch.testing.assert_close(q.T @ q, eye, rtol=0, atol=1e-12)
+            torch.testing.assert_close(q.T @ m @ q, torch.diag(eig), rtol=0, atol=FACTOR_REL * float(m.norm()))
+        lam = ref.ekfac_reference(g, q_s, q_a)
+        assert rel_err(f.lam, lam) < FACTOR_REL
+        assert f.damping == pytest.approx(0.1 * float(lam.mean()), rel=FACTOR_REL)
+        kron = want.tokens_per_sequence * torch.kron(s_ref, a_ref)
+        k = ref.kron_basis(torch.block_diag(*fk.qs), torch.block_diag(*fk.qa))
+        assert rel_err((k * fk.lam.reshape(-1)) @ k.T, kron) < FACTOR_REL
+        assert fk.damping == pytest.approx(0.1 * float(torch.diagonal(kron).mean()), rel=FACTOR_REL)
+
+
+@pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac"])
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_self_scores_equal_the_quadratic_form_of_each_strategy(setup: str, strategy: str) -> None:
+    """self_scores = ∇L(z)ᵀ (G + λ)⁻¹ ∇L(z) with the strategy's block-diagonal curvature built independently
+    (reference.strategy_curvature: own factors, own eigenbases, dense solves)."""
+    model, task, train, _queries = SETUPS[setup]
+    curv = inf.fit_curvature(
+        model, task, train, strategy=strategy, fisher="empirical", layers="all", batch_size=5, progress=False
+    )
+    names = curv.layer_names
+    shapes = ref.layer_matrix_shapes(model, names)
+    grads = ref.per_example_grads(model, task, train, names)
+    expected = torch.zeros(len(grads), dtype=torch.float64)
+    for g, m in zip(
+        ref.split_by_layer(grads, shapes), ref.strategy_curvature(model, task, train, names, strategy), strict=True
+    ):
+        g = g.flatten(1)
+        expected += (g * torch.linalg.solve(m, g.T).T).sum(1)
+    got = inf.self_scores(model, task, curv, train, batch_size=5, progress=False)
+    assert got.dtype == torch.float64 and (expected > 0).all()
+    assert rel_err(got, expected) < FACTOR_REL
+
+
 def test_true_fisher_uses_labels_sampled_from_the_model() -> None:
     """The diagonal true Fisher equals (1/N) Σ ∇L̂² with exactly the engine's sampled labels (keyed draws)."""
     for model, task, train in (
@@ -129,8 +223,8 @@ def test_true_fisher_uses_labels_sampled_from_the_model() -> None:
             model, task, train, strategy="diagonal", fisher="true", seed=7, batch_size=4, progress=False
         )
         names = curv.layer_names
-        n = len(task.as_dataset(train))
-        keys = sampling.example_keys(7, _STREAM_DIAGONAL, torch.arange(n))
+        n = len(ref.examples(task, train))
+        keys = ref.example_keys(7, _STREAM_DIAGONAL, range(n))  # the reference's own counter-based draws
         g = ref.per_example_grads(model, task, train, names, loss="sampled", keys=keys)
         shapes = ref.layer_matrix_shapes(model, names)
         for name, lam_l in zip(names, ref.split_by_layer(ref.diagonal_fisher(g), shapes), strict=True):

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import reference as ref
 import torch
 import zoo
 
 import influencer as inf
+from influencer.ledger import ResumeConflictError
 
 TOL = {"rtol": 1e-9, "atol": 1e-12}
 
@@ -85,24 +87,29 @@ def test_conv1d_equals_linear() -> None:
             torch.testing.assert_close(sc.per_layer[name], sl.per_layer[name], **TOL)
 
 
-def test_blocks_one_equals_full_and_more_blocks_divide_memory() -> None:
+def test_unblocked_factors_are_the_full_covariances_and_blocks_their_diagonal_blocks() -> None:
+    """blocks=1 (the default) gives the full A and S of the definitions (reference.kronecker_factors: brute force,
+    own hooks); blocks=2 gives exactly their diagonal blocks, at about half the memory of the bases."""
     model = zoo.mlp(d_in=7, hidden=12, d_out=4)
     x, y = zoo.regression_data(50, d_in=7, d_out=4)
     task = inf.Regression()
-    full = inf.fit_curvature(model, task, (x, y), strategy="kfac", progress=False)
-    one = inf.fit_curvature(model, task, (x, y), strategy="kfac", blocks=1, progress=False)
-    _assert_same_factors(full, one)
-    two = inf.fit_curvature(model, task, (x, y), strategy="kfac", blocks=2, progress=False)
+    full = inf.fit_curvature(model, task, (x, y), strategy="kfac", fisher="empirical", progress=False)
+    want = ref.kronecker_factors(model, task, (x, y), full.layer_names)  # the empirical Fisher's labels
+    two = inf.fit_curvature(model, task, (x, y), strategy="kfac", fisher="empirical", blocks=2, progress=False)
     for name, f in full.layers.items():
         b = two.layers[name]
-        assert len(b.qa) == 2 and len(b.qs) == 2
+        assert len(f.qa) == len(f.qs) == 1 and len(b.qa) == len(b.qs) == 2
+        for bases, eig, cov in ((f.qa, f.eig_a, want[name].a), (f.qs, f.eig_s, want[name].s)):
+            torch.testing.assert_close(bases[0] @ torch.diag(eig) @ bases[0].T, cov, rtol=1e-10, atol=1e-12)
         # each block's covariance equals the corresponding diagonal block of the full covariance
-        cov_full = f.qa[0] @ torch.diag(f.eig_a) @ f.qa[0].T
-        start = 0
-        for q, n in zip(b.qa, [q.shape[0] for q in b.qa], strict=True):
-            block = q @ torch.diag(b.eig_a[start : start + n]) @ q.T
-            torch.testing.assert_close(block, cov_full[start : start + n, start : start + n], rtol=1e-8, atol=1e-10)
-            start += n
+        for bases, eig, cov in ((b.qa, b.eig_a, want[name].a), (b.qs, b.eig_s, want[name].s)):
+            start = 0
+            for q in bases:
+                n = q.shape[0]
+                block = q @ torch.diag(eig[start : start + n]) @ q.T
+                torch.testing.assert_close(block, cov[start : start + n, start : start + n], rtol=1e-10, atol=1e-12)
+                start += n
+            assert start == len(cov)
         ratio = f.basis_nbytes() / b.basis_nbytes()
         assert ratio == pytest.approx(2.0, rel=0.15)
     # block-diagonal EK-FAC runs and scores correlate with the full one
@@ -161,6 +168,40 @@ def test_save_load_roundtrip_and_model_checks(tmp_path: Path) -> None:
         inf.Curvature.load(tmp_path / "curv", zoo.tiny_llama(hidden=8, intermediate=16))
     with pytest.raises(FileNotFoundError, match="no curvature"):
         inf.Curvature.load(tmp_path / "missing", model)
+
+
+def test_fit_out_dir_refuses_other_settings(tmp_path: Path) -> None:
+    """A fit directory made with some settings refuses a call with others (ResumeConflictError naming the first
+    differing setting, both values in the message) and is left as it was; the same settings resume it."""
+    model = zoo.mlp()
+    x, y = zoo.regression_data(20)
+    task = inf.Regression()
+    out = tmp_path / "fit"
+    base = {"strategy": "ekfac", "fisher": "true", "seed": 1, "batch_size": 8, "out_dir": out, "progress": False}
+    first = inf.fit_curvature(model, task, (x, y), **base)
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    for change, saved in (
+        ({"seed": 2}, 1),
+        ({"strategy": "kfac"}, "ekfac"),
+        ({"blocks": 2}, 1),
+        ({"fisher": "empirical"}, "true"),
+        ({"layers": ["0", "4"]}, ["0", "2", "4"]),
+    ):
+        (setting, asked), *_ = change.items()
+        with pytest.raises(ResumeConflictError) as info:
+            inf.fit_curvature(model, task, (x, y), **{**base, **change})
+        assert (info.value.setting, info.value.saved, info.value.asked) == (setting, saved, asked)
+        assert f"{setting}={saved!r}" in str(info.value) and f"{setting}={asked!r}" in str(info.value)
+        assert snapshot() == before
+    with pytest.raises(ResumeConflictError):  # as many sequences, other values
+        inf.fit_curvature(model, task, (x + 1, y), **base)
+    assert snapshot() == before
+    again = inf.fit_curvature(model, task, (x, y), **base)
+    _assert_same_factors(first, again)
 
 
 def test_with_damping_and_absolute_damping() -> None:

@@ -1,4 +1,4 @@
-"""Tests for influencer.models: local folders, bad paths, the atomic cache, and the built-in SmolLM2-135M."""
+"""Tests for influencer.models: local folders, bad paths, the atomic cache, and the built-in SmolLM2-135M-Instruct."""
 
 from __future__ import annotations
 
@@ -188,13 +188,22 @@ def test_smollm2_knows_paris(smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_cached_load_is_fast_and_identical(smollm2):
+def test_smollm2_cached_load_reads_the_cache_and_is_identical(smollm2, monkeypatch):
+    """A second load reads the cache as it is: no GGUF conversion, no cache write, every file untouched."""
     model, tokenizer, cache, _ = smollm2
-    start = time.perf_counter()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached load converted or rewrote the cache")
+
+    monkeypatch.setattr(models, "_convert_gguf", refuse)
+    monkeypatch.setattr(models, "_atomic_write_dir", refuse)
+
+    def files() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(cache)): (p.stat().st_mtime_ns, p.stat().st_size) for p in cache.rglob("*")}
+
+    before = files()
     again, tokenizer2 = load_model("smollm2-135m", cache_dir=cache)
-    seconds = time.perf_counter() - start
-    print(f"cached SmolLM2 load: {seconds:.2f} s")
-    assert seconds < 5
+    assert files() == before
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     assert tokenizer2(PROMPT)["input_ids"] == ids[0].tolist()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""End to end on a real pretrained LLM: SmolLM2-135M (packaged GGUF) and 16 KJV verses.
+"""End to end on a real pretrained LLM: SmolLM2-135M-Instruct (packaged GGUF) and 16 KJV verses.
 
 Both tests share one fit and one exact score matrix (a module fixture): on one CPU thread each forward and
 backward pass of the 135M-parameter model over the 16 verses takes ~10 s, so repeating them per test would
@@ -57,8 +57,8 @@ def test_smollm2_kjv_end_to_end(fitted: Fitted) -> None:
     ranks = (scores.total > scores.total.diagonal()[:, None]).sum(1)  # 0 = the verse ranks itself first
     first = float((ranks == 0).float().mean())
     print(
-        f"\nSmolLM2-135M, MLP of blocks 0-3, EK-FAC: a verse's second half given its first half ranks the verse "
-        f"itself first for {first:.0%} of 16 verses (ranks {ranks.tolist()})"
+        f"\nSmolLM2-135M-Instruct, MLP of blocks 0-3, EK-FAC: a verse's second half given its first half ranks "
+        f"the verse itself first for {first:.0%} of 16 verses (ranks {ranks.tolist()})"
     )
     assert first >= 0.75  # measured: 100%
     # adding a verse makes its own completion more likely
@@ -92,7 +92,7 @@ def test_smollm2_scan_rank_curve_and_token_sums(fitted: Fitted) -> None:
         )
         curve[k] = float(torch.corrcoef(torch.stack([r.scores.flatten(), exact.flatten()]))[0, 1])
     print(
-        "\nSmolLM2-135M (MLP of blocks 0-3): Pearson(rank-k scan, exact) by k:",
+        "\nSmolLM2-135M-Instruct (MLP of blocks 0-3): Pearson(rank-k scan, exact) by k:",
         ", ".join(f"{k}: {v:.4f}" for k, v in curve.items()),
     )
     assert curve[32] >= 0.99

@@ -1,7 +1,9 @@
 """Sanity checks of the float64 references in tests/reference.py (and of the tiny models in tests/zoo.py).
 
 These compare the references with ordinary autograd, closed forms and exact expectations — never with the
-engine — so that the engine's tests can trust them.
+engine's curvature, capture or scoring code — so that the engine's tests can trust them. The references write
+their own losses, masks and label sampling; where a test below evaluates the engine's task losses on a padded
+batch (:func:`batch_train_grad`), that is a cross-check of two independent implementations.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def autograd_layout_grad(model: nn.Module, names: list[str], loss: Tensor, retai
 
 
 def batch_train_grad(model: nn.Module, task: Task, data: Any, names: list[str]) -> Tensor:
-    """∇ Σ_n L(z_n) from one padded full batch with ordinary autograd."""
+    """∇ Σ_n L(z_n) from one padded full batch with ordinary autograd and the engine's task (its collate, masks
+    and loss): summed per-example reference gradients must equal it."""
     ds = task.as_dataset(data)
     batch = task.collate([ds[i] for i in range(len(ds))])
     return autograd_layout_grad(model, names, task.train_loss(task.forward(model, batch), batch).sum())
@@ -141,6 +144,44 @@ def test_per_example_grads_sum_to_batch_gradient(case: str) -> None:
     assert rel_err(grads[0], grads[1]) > 1e-3
 
 
+def test_reference_masks_padding_and_completions() -> None:
+    """The reference's own data handling: right padding (``attention_mask``, garbage ids in the padding) drops
+    positions, ``loss_mask`` drops targets, ``completion_mask`` ≡ ``prompt_length``, position 0 is never a target."""
+    model, task, data, names = case_llama_ragged()
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    loss_mask = torch.ones(3, 12, dtype=torch.long)
+    for i, row in enumerate(data):
+        ids[i, : len(row["input_ids"])] = row["input_ids"]
+        mask[i, : len(row["input_ids"])] = 1
+        if "loss_mask" in row:
+            loss_mask[i, : len(row["loss_mask"])] = row["loss_mask"]
+    padded = {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
+    exs = ref.examples(task, padded)
+    assert [ex.x.shape[1] for ex in exs] == [9, 5, 7]
+    assert exs[2].y[0].tolist() == [False, False, False, True, True, False, True]
+    torch.testing.assert_close(
+        ref.per_example_grads(model, task, padded, names),
+        ref.per_example_grads(model, task, data, names),
+        rtol=0,
+        atol=0,
+    )
+    queries = {"input_ids": ids, "attention_mask": mask, "prompt_length": torch.tensor([3, 0, 6])}
+    completion = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "completion_mask": torch.arange(12)[None] >= torch.tensor([[3], [0], [6]]),
+    }
+    q_exs = ref.examples(task, queries, queries=True)
+    assert [ex.y[0].nonzero().reshape(-1).tolist() for ex in q_exs] == [[3, 4, 5, 6, 7, 8], [1, 2, 3, 4], [6]]
+    torch.testing.assert_close(
+        ref.per_example_grads(model, task, queries, names, loss="measurement", queries=True),
+        ref.per_example_grads(model, task, completion, names, loss="measurement", queries=True),
+        rtol=0,
+        atol=0,
+    )
+
+
 def test_conv1d_equals_linear() -> None:
     pair = zoo.ConvLinearPair()
     data = zoo.regression_data(5, 4, 3, seed=7)
@@ -213,14 +254,12 @@ def test_measurement_grads() -> None:
 @pytest.mark.parametrize("case", ["mlp-regression", "mlp-classification", "llama-ragged"])
 def test_output_hessian_closed_form_matches_autograd(case: str) -> None:
     model, task, data, _ = CASES[case]()
-    ds = task.as_dataset(data)
-    for i in range(len(ds)):
-        batch = task.collate([ds[i]])
+    for i, ex in enumerate(ref.examples(task, data)):
         with torch.no_grad():
-            out = task.forward(model, batch)
+            out = ref.forward(model, ex)
         j = torch.randn(out.numel(), 3, dtype=F64, generator=torch.Generator().manual_seed(i))
-        sel_c, h_c = ref.output_hessian(task, out, batch)
-        sel_a, h_a = ref.output_hessian(task, out, batch, method="autograd")
+        sel_c, h_c = ref.output_hessian(task, out, ex)
+        sel_a, h_a = ref.output_hessian(task, out, ex, method="autograd")
         full_c = torch.zeros_like(j).index_add_(0, sel_c, h_c(j[sel_c]))
         full_a = torch.zeros_like(j).index_add_(0, sel_a, h_a(j[sel_a]))
         torch.testing.assert_close(full_c, full_a, rtol=1e-12, atol=1e-14)
@@ -403,6 +442,102 @@ def test_ekfac_reference_is_rotated_fisher_diagonal() -> None:
     torch.testing.assert_close(
         ref.diagonal_fisher(grads), torch.diagonal(ref.empirical_fisher(grads)), rtol=1e-13, atol=0
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-token quantities, Kronecker factors, strategies, sampled labels
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_token_io_rebuilds_the_per_example_gradient(case: str) -> None:
+    """Σ_t g_t ā_tᵀ of the hook-recorded tokens equals the torch.func per-example gradient (layer by layer)."""
+    model, task, data, names = CASES[case]()
+    shapes = ref.layer_matrix_shapes(model, names)
+    grads = ref.per_example_grads(model, task, data, names)
+    uses = {"shared": 2} if case == "shared-module" else {}
+    for n, (io, ex) in enumerate(zip(ref.token_io(model, task, data, names), ref.examples(task, data), strict=True)):
+        for (name, (a, g)), spec, want in zip(
+            io.items(), ref.layer_specs(model, names), ref.split_by_layer(grads[n], shapes), strict=True
+        ):
+            assert a.shape == (uses.get(name, 1) * ex.positions, spec.shape[1]) and g.shape[1] == spec.d_out
+            torch.testing.assert_close(g.T @ a, want, rtol=1e-10, atol=1e-12)
+            if spec.has_bias:
+                assert torch.equal(a[:, -1], torch.ones(len(a), dtype=F64))
+    factors = ref.kronecker_factors(model, task, data, names)
+    spec = ref.layer_specs(model, names)[0]
+    assert factors[spec.name].tokens == sum(uses.get(spec.name, 1) * ex.positions for ex in ref.examples(task, data))
+
+
+def test_token_influence_sums_to_the_layer_product_and_follows_the_position_rule() -> None:
+    """Σ_t I_{l,t} = ⟨P_l, ∇_l L⟩ for random P_l, and for the LM head the value at position t is the closed form
+    (p_t − e_{token t+1})ᵀ P h_t of the hidden state h_t at t (zero at the last position and where token t+1 is
+    not a target)."""
+    model, task, data, names = case_llama_ragged()
+    names = [*names, "lm_head"]
+    shapes = ref.layer_matrix_shapes(model, names)
+    gen = torch.Generator().manual_seed(3)
+    precond = [torch.randn(*s, dtype=F64, generator=gen) for s in shapes]
+    values = ref.token_influence(model, task, data, names, precond)
+    grads = ref.per_example_grads(model, task, data, names)
+    for n, (v, ex) in enumerate(zip(values, ref.examples(task, data), strict=True)):
+        assert v.shape == (len(names), ex.positions)
+        for layer, (p, g) in enumerate(zip(precond, ref.split_by_layer(grads[n], shapes), strict=True)):
+            assert float(v[layer].sum()) == pytest.approx(float((p * g).sum()), rel=1e-10)
+        with torch.no_grad():
+            h = model.model(input_ids=ex.x, attention_mask=torch.ones_like(ex.x)).last_hidden_state[0]  # [T, H]
+            probs = torch.softmax(model.lm_head(h), -1)
+        expected = torch.zeros(ex.positions, dtype=F64)
+        for t in range(ex.positions - 1):
+            if ex.y[0, t + 1]:
+                g_t = probs[t] - torch.nn.functional.one_hot(ex.x[0, t + 1], probs.shape[1]).to(F64)
+                expected[t] = g_t @ precond[-1] @ h[t]
+        torch.testing.assert_close(v[-1], expected, rtol=1e-10, atol=1e-12)
+        # nonzero exactly where the next token is a target (sequence 2 has loss_mask [0, 0, 0, 1, 1, 0, 1])
+        assert (v[-1] != 0).tolist() == [*ex.y[0, 1:].tolist(), False]
+
+
+def test_strategy_curvatures() -> None:
+    """Identity is I; diagonal is the Fisher's diagonal; EK-FAC keeps the trace of the Fisher block and is at least
+    as close to it as K-FAC in Frobenius norm (it is the projection onto matrices diagonal in K-FAC's basis)."""
+    model, task, data, names = case_llama()
+    names = names[:2]
+    shapes = ref.layer_matrix_shapes(model, names)
+    fisher = [
+        ref.empirical_fisher(g.flatten(1))
+        for g in ref.split_by_layer(ref.per_example_grads(model, task, data, names), shapes)
+    ]
+    damped = {
+        s: ref.strategy_curvature(model, task, data, names, s, damping_factor=0.5) for s in ("identity", "diagonal")
+    }
+    plain = {s: ref.strategy_curvature(model, task, data, names, s, damping_factor=0.0) for s in ("kfac", "ekfac")}
+    for layer, f in enumerate(fisher):
+        eye = torch.eye(len(f), dtype=F64)
+        assert torch.equal(damped["identity"][layer], eye)
+        lam = 0.5 * float(torch.diagonal(f).mean())  # 0.5 × mean(Λ)
+        torch.testing.assert_close(
+            damped["diagonal"][layer], torch.diag(torch.diagonal(f)) + lam * eye, rtol=1e-12, atol=0
+        )
+        ekfac, kfac = plain["ekfac"][layer], plain["kfac"][layer]
+        assert float(torch.trace(ekfac)) == pytest.approx(float(torch.trace(f)), rel=1e-10)
+        assert float((ekfac - f).norm()) <= float((kfac - f).norm()) * (1 + 1e-10)
+        assert torch.linalg.eigvalsh(ekfac).min() > -1e-12 * float(ekfac.norm())
+
+
+def test_counter_based_sampler() -> None:
+    """The splitmix64 finaliser gives the published SplitMix64 stream (seed 0); uniforms are in (0, 1) and look
+    uniform; keys differ by seed, stream and index."""
+    assert ref.uniform.__module__ == "reference"
+    from reference import _splitmix
+
+    assert [_splitmix(k * 0x9E3779B97F4A7C15) for k in (1, 2)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
+    keys = ref.example_keys(3, 1, torch.arange(200))
+    assert keys.dtype == torch.int64 and len(set(keys.tolist())) == 200
+    assert not set(keys.tolist()) & set(ref.example_keys(3, 2, torch.arange(200)).tolist())
+    assert not set(keys.tolist()) & set(ref.example_keys(4, 1, torch.arange(200)).tolist())
+    u = torch.tensor([ref.uniform(int(k), j) for k in keys for j in range(25)], dtype=F64)
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.01) and float(u.var()) == pytest.approx(1 / 12, abs=0.005)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ offline self-containment, atomic write, and a real headless-browser render (Debi
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import struct
@@ -103,6 +104,11 @@ class Page(HTMLParser):
         return [a for t, a in self.tags if t == tag and all(a.get(k) == v for k, v in attrs.items())]
 
 
+def _shown(result, q: int, k: int) -> tuple[list, list]:
+    """The hits a page lists for query q: the top k of each sign, each list holding only hits of its sign."""
+    return [h for h in result.top(q, k) if h.score > 0], [h for h in result.top(q, k, negative=True) if h.score < 0]
+
+
 def _write(tmp_path: Path, result, train, name: str, **kw) -> tuple[Path, str]:
     path = write_report(result, tmp_path / name, queries=QUERIES, train_tokens=tokens_of(train), **kw)
     return path, path.read_text(encoding="utf-8")
@@ -118,6 +124,7 @@ def full_report(scans, tmp_path_factory):
         train,
         "full.html",
         train_text=lambda i: f"text {i} {HOSTILE}",
+        train_source=lambda i: f"file.txt:{i + 1} {HOSTILE}",
         notes=["run: rank 8, ekfac", f"hostile note {HOSTILE}"],
         top=5,
     )
@@ -144,13 +151,14 @@ def test_structure_and_token_heatmaps(scans, full_report) -> None:
     path, html = full_report
     assert path.name == "full.html" and not list(path.parent.glob(".full.html.*"))  # atomic: no temp left
     page = Page(html)
-    assert page.h2 == ["Query 0", "Query 1"]
+    assert page.h2 == ["Query 1", "Query 2"]  # numbered from 1, as on the command line; anchors keep the index
     assert len(page.find("section", id="query-0")) == 1 and len(page.find("section", id="query-1")) == 1
     spans = page.find("span", **{"class": "tok"})
     n_spans = 0
     for q in range(2):
-        hits, neg = full.top(q, 5), full.top(q, 5, negative=True)
+        hits, neg = _shown(full, q, 5)
         assert len(page.find("article", id=f"hit-{q}-{hits[0].index}")) == 1
+        assert all(f"file.txt:{h.index + 1} " in html for h in hits + neg)  # each hit's source in its header
         assert sum(a.get("id", "").startswith(f"hit-{q}-") for _, a in page.tags if _ == "article") == len(hits)
         assert sum(a.get("id", "").startswith(f"neg-{q}-") for _, a in page.tags if _ == "article") == len(neg)
         n_spans += sum(len(h.tokens) for h in hits + neg)
@@ -195,7 +203,7 @@ def test_totals_only_prefiltered_and_plain_text(scans, tmp_path) -> None:
     assert len(page.find("div", id="prefilter-note")) == 1 and "may be biased" in html
     assert not page.find("span", **{"class": "tok"})
     assert html.count("no token scores (the scan ran with tokens=False)") == sum(
-        len(plain.top(q, 4)) + len(plain.top(q, 4, negative=True)) for q in range(2)
+        len(a) + len(b) for a, b in (_shown(plain, q, 4) for q in range(2))
     )
     assert "Full scores were not kept" in html
     assert len(page.find("img")) == 2  # a layer profile per query; no tail plot without full scores
@@ -215,7 +223,7 @@ def test_length_mismatch_directory_path_and_errors(scans, tmp_path, monkeypatch)
     path = write_report(full, tmp_path, queries=QUERIES, train_tokens=short, top=3)
     assert path == tmp_path / "report.html"
     html = path.read_text(encoding="utf-8")
-    shown = [h for q in range(2) for h in full.top(q, 3) + full.top(q, 3, negative=True)]
+    shown = [h for q in range(2) for part in _shown(full, q, 3) for h in part]
     n_short = sum(h.index % 2 for h in shown)
     assert html.count(f"{T - 2} token strings but {T} token scores: showing the first {T - 2} of each") == n_short
     assert len(Page(html).find("span", **{"class": "tok"})) == sum(T - 2 if h.index % 2 else T for h in shown)
@@ -270,8 +278,11 @@ def test_readme_report_example_runs(tmp_path, monkeypatch) -> None:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_renders_in_headless_chromium(full_report, tmp_path) -> None:
+    if CHROMIUM is None:
+        if os.environ.get("INFLUENCER_REQUIRE_BROWSER"):  # CI sets it: there the browser test must run
+            pytest.fail("chromium is not installed but INFLUENCER_REQUIRE_BROWSER is set")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
     """A real browser parses the page: the DOM holds every token span and both query headings and no script
     element; a 1280 × 2000 screenshot is written."""
     path, html = full_report
@@ -290,7 +301,7 @@ def test_renders_in_headless_chromium(full_report, tmp_path) -> None:
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = Page(dom.stdout)
     assert len(page.find("span", **{"class": "tok"})) == len(Page(html).find("span", **{"class": "tok"})) > 0
-    assert "Query 0" in page.h2 and "Query 1" in page.h2
+    assert "Query 1" in page.h2 and "Query 2" in page.h2
     assert not any(t == "script" for t, _ in page.tags)
     assert HOSTILE in "".join(page.token_text)  # hostile token strings arrive as text
     shot = tmp_path / "report.png"

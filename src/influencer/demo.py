@@ -22,6 +22,7 @@ import torch
 import influencer as inf
 from influencer.data import kjv_verses, tokenize_queries, tokenize_texts
 from influencer.models import load_model
+from influencer.pieces import token_pieces
 from influencer.units import calibrated, cg_steps, correction_note, units_note
 
 DEFAULT_LAYERS = r"model\.layers\.[0-5]\.mlp\."
@@ -222,10 +223,10 @@ def _write_report(
     ids, mask = train["input_ids"], train["attention_mask"]
 
     def train_tokens(i: int) -> list[str]:
-        return [tok.decode([int(t)]) for t in ids[i, : int(mask[i].sum())]]
+        return token_pieces(tok, ids[i, : int(mask[i].sum())].tolist())
 
     def train_text(i: int) -> str:
-        return f"{verses[i]['citation']}: {verses[i]['text']}"
+        return str(verses[i]["text"])
 
     queries = [{"prompt": p, "completion": c} for p, c, _ in QUERIES]
     notes = [
@@ -239,6 +240,7 @@ def _write_report(
         queries=queries,
         train_tokens=train_tokens,
         train_text=train_text,
+        train_source=lambda i: str(verses[i]["citation"]),
         title="influencer demo: SmolLM2-135M-Instruct × King James verses",
         top=top,
         notes=notes,
@@ -250,7 +252,7 @@ def _highlight(tok: object, ids: torch.Tensor, tokens: torch.Tensor | None, n: i
     if tokens is None:
         return ""
     top = set(torch.topk(tokens, min(n, len(tokens))).indices.tolist())
-    pieces = [tok.decode([int(t)]) for t in ids[: len(tokens)]]  # type: ignore[attr-defined]
+    pieces = token_pieces(tok, ids[: len(tokens)].tolist())  # type: ignore[attr-defined]
     text = "".join(f"[{p}]" if i in top else p for i, p in enumerate(pieces))
     return text if len(text) <= width else text[: width - 1] + "…"
 

@@ -290,12 +290,14 @@ def run_collectively(fn: Callable[[], T], *, main_only: bool = True) -> T | None
 
 
 @contextlib.contextmanager
-def locked(directory: str | os.PathLike, *, purpose: str = "run") -> Iterator[None]:
-    """Hold the run directory's lock (:class:`influencer.io.RunLock`) for a block; in a process group rank 0
-    holds it for the whole job and every rank raises if it cannot be had."""
-    from influencer.io import RunLock
+def locked(
+    directory: str | os.PathLike, *, purpose: str = "run", name: str | None = None, clean: bool = True
+) -> Iterator[None]:
+    """Hold the run directory's lock (:class:`influencer.io.RunLock`; ``name``/``clean`` as there) for a block; in
+    a process group rank 0 holds it for the whole job and every rank raises if it cannot be had."""
+    from influencer.io import LOCK_NAME, RunLock
 
-    lock = RunLock(directory, purpose=purpose)
+    lock = RunLock(directory, purpose=purpose, name=name or LOCK_NAME, clean=clean)
     run_collectively(lock.acquire)
     try:
         yield

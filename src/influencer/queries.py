@@ -245,24 +245,26 @@ class QueryStore:
         tensors: dict[str, torch.Tensor] = {}
         for x in self.layers.values():
             tensors.update(x.tensors())
-        atomic_save_tensors(path / _STORE, tensors)
+        digest = atomic_save_tensors(path / _STORE, tensors)
         atomic_write_json(
             path / _STORE_MANIFEST,
             {
                 "format": "influencer.queries",
-                "version": 1,
+                "version": 2,
                 "rank": self.rank,
                 "n_queries": self.n_queries,
                 "layers": list(self.layers),
                 "meta": self.meta,
+                "sha256_tensors": digest,
             },
+            seal=True,
         )
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QueryStore:
         path = Path(path)
-        m = read_json(path / _STORE_MANIFEST)
-        t = load_tensors(path / _STORE)
+        m = read_json(path / _STORE_MANIFEST, sealed=True, legacy_below=2)
+        t = load_tensors(path / _STORE, expect=m.get("sha256_tensors"), required=m.get("version", 0) >= 2)
         layers = {n: LayerQueries(n, t.get(f"{n}/dense"), t.get(f"{n}/left"), t.get(f"{n}/right")) for n in m["layers"]}
         return cls(layers=layers, rank=m["rank"], n_queries=m["n_queries"], meta=m.get("meta", {}))

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from influencer.curvature import Curvature
+from influencer.curvature.strategies import strategy as strategy_record
 from influencer.functional import FlatModel, iter_batches
 from influencer.progress import progress_bar
 from influencer.tasks import Task
@@ -123,7 +124,7 @@ def curvature_preconditioner(fm: FlatModel, curvature: Curvature) -> Callable[[T
 
 
 def _damping(curvature: Curvature) -> dict[str, float]:
-    if curvature.strategy == "identity":
+    if not strategy_record(curvature.strategy).curved:
         raise ValueError(
             "refinement needs a fitted curvature (diagonal, kfac or ekfac) as preconditioner and its "
             "damping; the identity strategy has neither (use refine=0 for gradient dot products)"

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from influencer.curvature import Curvature, Inverse
+from influencer.curvature.strategies import strategy as strategy_record
 from influencer.layers import Layer, as_layer
 from influencer.refine import RefinedInverse
 from influencer.tasks import Task, take_rows
@@ -165,7 +166,7 @@ def default_inverse(
                 f"({inverse.describe()}); pass its curvature instead, or leave refine='auto'"
             )
         return inverse, None
-    if refine == 0 or (refine == "auto" and inverse.strategy == "identity"):
+    if refine == 0 or (refine == "auto" and not strategy_record(inverse.strategy).curved):
         return inverse, None
     n_data = len(task.as_dataset(train))  # type: ignore[arg-type]
     layers = inverse.bind(model, check_weights=False)

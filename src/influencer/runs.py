@@ -15,15 +15,17 @@ Every write is atomic: a fit fills a temporary sibling folder and renames it int
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from influencer.io import TMP_MARK, atomic_write_dir, read_json
+from influencer.io import TMP_MARK, RunLock, atomic_write_dir, read_json
 
 __all__ = [
     "CURVATURE",
@@ -60,6 +62,43 @@ def _holds_fit(path: Path) -> bool:
     return (path / RUN_FILE).exists() or (path / CURVATURE).exists()
 
 
+def locked_run(path: str | os.PathLike[str], purpose: str) -> contextlib.AbstractContextManager[None]:
+    """Hold the lock of run directory ``path`` for a whole command (fit, scan, report): a sibling file
+    ``.<name>.lock`` (the directory itself is replaced atomically by a fit, so it cannot hold its own lock).
+    Another live process holding it makes this raise :class:`influencer.io.RunLockedError` naming it."""
+    from influencer import distributed as dist
+
+    p = Path(path).expanduser()
+    return dist.locked(p.parent, purpose=f"{purpose} of {p.name}", name=f".{p.name}.lock", clean=False)
+
+
+def fit_partial(path: str | os.PathLike[str]) -> Path:
+    """Where the command-line fit of run ``path`` keeps its checkpoints until the run is written: the sibling
+    ``.<name>.fit-partial`` (a killed fit resumes from it when run again with the same settings)."""
+    p = Path(path).expanduser()
+    return p.parent / f".{p.name}.fit-partial"
+
+
+def discard_partial(partial: Path) -> None:
+    """Remove an unfinished fit or scan folder, refused while a live process holds its lock."""
+    if partial.exists():
+        with RunLock(partial, purpose="discard"):
+            pass
+        shutil.rmtree(partial)
+
+
+def _clear_finished_partial(run: Path) -> None:
+    """Remove the partial fit a killed fit left after writing ``run`` (its curvature is the run's, by checksum)."""
+    partial = fit_partial(run)
+    mine, theirs = partial / CURVATURE / "manifest.json", run / CURVATURE / "manifest.json"
+    try:
+        finished = read_json(mine, sealed=True)["tensors_sha256"] == read_json(theirs, sealed=True)["tensors_sha256"]
+    except (OSError, ValueError, KeyError):
+        return
+    if finished:
+        discard_partial(partial)
+
+
 def check_fit_target(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Check that a fit may be written to ``path``: absent, empty, or (with ``overwrite``) an earlier fit."""
     p = Path(path).expanduser()
@@ -67,6 +106,7 @@ def check_fit_target(path: str | os.PathLike[str], *, overwrite: bool = False) -
         raise RunDirError(f"{p} is a file; choose a directory for the run")
     if p.is_dir():
         if _holds_fit(p):
+            _clear_finished_partial(p)
             if not overwrite:
                 raise RunDirError(
                     f"{p} already holds a fit; pass --overwrite to replace it (with its scans and "
@@ -74,7 +114,19 @@ def check_fit_target(path: str | os.PathLike[str], *, overwrite: bool = False) -
                 )
         elif any(p.iterdir()):
             raise RunDirError(f"{p} exists and is not an influencer run directory; choose another directory")
+    check_writable(p.parent)
     return p
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there (RunDirError naming it otherwise)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".influencer-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RunDirError(f"cannot write to {folder} ({exc.strerror or exc}); choose a writable --out") from None
 
 
 def write_fit(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
@@ -95,8 +147,8 @@ def read_run(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     try:
         record = read_json(p / RUN_FILE)
-    except ValueError as exc:
-        raise RunDirError(f"{p / RUN_FILE}: not valid JSON ({exc})") from None
+    except ValueError as exc:  # names the file and the parse error
+        raise RunDirError(str(exc)) from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise RunDirError(f"{p / RUN_FILE} is not an influencer run record")
     if record.get("version", 0) > VERSION:
@@ -114,8 +166,8 @@ def check_scan_target(run: str | os.PathLike[str], *, overwrite: bool = False) -
     if (p / SCAN).exists() and not overwrite:
         raise RunDirError(f"{p / SCAN} already holds a scan; pass --overwrite to replace it")
     partial = p / SCAN_PARTIAL
-    if overwrite and partial.exists():
-        shutil.rmtree(partial)
+    if overwrite:
+        discard_partial(partial)  # refused while a live scan (e.g. a library call) holds it
     return partial
 
 

@@ -61,18 +61,20 @@ class Scores:
         """Write ``scores.safetensors`` + ``scores.json`` into directory ``path`` (atomically)."""
         path = Path(path)
         tensors = {"total": self.total, **{f"per_layer/{n}": v for n, v in self.per_layer.items()}}
-        atomic_save_tensors(path / _SCORES, tensors)
+        digest = atomic_save_tensors(path / _SCORES, tensors)
         atomic_write_json(
             path / _MANIFEST,
             {
                 "format": "influencer.scores",
-                "version": 1,
+                "version": 2,
+                "sha256_tensors": digest,
                 "n_train": self.n_train,
                 "strategy": self.strategy,
                 "layers": list(self.per_layer),
                 "shape": list(self.total.shape),
                 "meta": self.meta,
             },
+            seal=True,
         )
         return path
 
@@ -81,8 +83,8 @@ class Scores:
         path = Path(path)
         if not (path / _MANIFEST).is_file():
             raise FileNotFoundError(f"no scores at '{path}' (expected {_MANIFEST})")
-        m = read_json(path / _MANIFEST)
-        t = load_tensors(path / _SCORES)
+        m = read_json(path / _MANIFEST, sealed=True, legacy_below=2)
+        t = load_tensors(path / _SCORES, expect=m.get("sha256_tensors"), required=m.get("version", 0) >= 2)
         return cls(
             total=t["total"],
             per_layer={n: t[f"per_layer/{n}"] for n in m["layers"]},

@@ -132,20 +132,27 @@ def plot_layer_profile(
 ) -> Figure:
     """Per-layer influence I_l of each hit against the layer index (forward order; Σ_l I_l = the hit's score),
     one line per hit, labelled by training index."""
-    fig = _figure(5.2, 3.2)
+    fig = _figure(6.2, 3.2)
     ax = fig.add_subplot()
     idx = np.arange(len(layer_names))
-    for rank, hit in enumerate(hits):
-        values = np.array([hit.layers.get(name, np.nan) for name in layer_names], dtype=np.float64)
+    rows = [np.array([hit.layers.get(name, np.nan) for name in layer_names], dtype=np.float64) for hit in hits]
+    for rank, (hit, values) in enumerate(zip(hits, rows, strict=True)):
         ax.plot(idx, values, marker="o", ms=3, lw=1, alpha=max(0.35, 1.0 - 0.07 * rank), label=f"#{hit.index}")
     ax.axhline(0.0, color="0.4", lw=0.6)
+    scales = [float(np.nanmax(np.abs(r))) for r in rows if np.isfinite(r).any()]
+    scales = [x for x in scales if x > 0]
+    if scales and max(scales) > 20 * min(scales):
+        # one hit far larger than another would flatten the smaller one's line on a linear axis
+        ax.set_yscale("symlog", linthresh=min(scales) / 2)
+        ax.set_ylabel("I_l (raw score, symlog)")
+    else:
+        ax.set_ylabel("I_l (raw score)")
     ax.set_xlabel("tracked layer (forward order)")
-    ax.set_ylabel("I_l (raw score)")
     if len(layer_names) <= 12:
         ax.set_xticks(idx, _short(layer_names), rotation=35, ha="right", fontsize=6, parse_math=False)
     ax.set_title(title or "layer profile of the top hits", fontsize=10, parse_math=False)
-    if hits:
-        ax.legend(fontsize=6, frameon=False, ncols=2 if len(hits) > 5 else 1)
+    if hits:  # beside the axes, never over the lines
+        ax.legend(fontsize=6, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="sequence")
     else:
         ax.text(0.5, 0.5, "no hits", ha="center", va="center", transform=ax.transAxes)
     ax.grid(True, lw=0.3, alpha=0.5)

@@ -1,4 +1,4 @@
-"""The ``influencer`` command line: fit, scan, probe, report, demo, validate.
+"""The ``influencer`` command line: fit, scan, probe, report, plan, demo, validate.
 
     influencer fit smollm2-135m kjv --sequences 256 --out runs/kjv
     influencer scan runs/kjv --prompt "In the beginning God created" --completion " the heaven and the earth."
@@ -17,6 +17,6 @@ ends them all, with one ``error: ...`` line from rank 0.
 from influencer.cli._app import app
 
 # the commands register themselves on ``app``; imported in the order --help lists them
-from influencer.cli import fit, scan, probe, report, demo, validate  # noqa: F401  isort: skip
+from influencer.cli import fit, scan, probe, report, plan, demo, validate  # noqa: F401  isort: skip
 
 __all__ = ["app"]

@@ -168,6 +168,11 @@ def _timings_title(command: str, processes: int) -> str:
 
 def _console() -> Console:
     """stdout for tables and messages; silent on torchrun ranks other than 0."""
+    import os
+    import sys
+
     from rich.console import Console
 
-    return Console(highlight=False, quiet=not _main_rank())
+    # piped output (| less, > file) would be cut to 80 columns: give tables room unless COLUMNS says otherwise
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(highlight=False, quiet=not _main_rank(), width=width)

@@ -72,7 +72,10 @@ def _one_line(text: str) -> str:
 def _message(exc: BaseException) -> str:
     """A one-line description of an exception for the user."""
     from influencer.curvature import CurvatureMismatchError
+    from influencer.io import RunLockedError
 
+    if isinstance(exc, RunLockedError):
+        return _one_line(str(exc))
     if isinstance(exc, CurvatureMismatchError):
         return f"the curvature does not match the model: {_one_line(str(exc))}"
     if isinstance(exc, OSError) and exc.filename is not None and not isinstance(exc, ModuleNotFoundError):

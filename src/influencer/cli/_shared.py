@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,6 +173,31 @@ def _say(console: Console, text: str) -> None:
     console.print(text, highlight=False, markup=False)
 
 
+def _check_number(
+    option: str, value: float | None, *, above: float | None = None, at_least: float | None = None
+) -> None:
+    """Refuse a numeric option that is NaN, infinite or out of range (before anything is loaded)."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise UserError(f"{option} must be a finite number, got {value}")
+    if above is not None and not value > above:
+        raise UserError(f"{option} must be > {above:g}, got {value:g}")
+    if at_least is not None and not value >= at_least:
+        raise UserError(f"{option} must be ≥ {at_least:g}, got {value:g}")
+
+
+def _check_layers_early(source: str, spec: str) -> None:
+    """Resolve --layers against the model's architecture before its weights are read (a meta-device skeleton)."""
+    from influencer.models import load_skeleton
+
+    try:
+        skeleton = load_skeleton(source)
+    except ValueError as exc:
+        raise UserError(_one_line(str(exc))) from None
+    _check_layers(skeleton, spec)
+
+
 def _check_layers(model: Any, spec: str) -> list[Any]:
     from influencer.layers import select_layers
 
@@ -184,3 +210,48 @@ def _check_layers(model: Any, spec: str) -> list[Any]:
                 r"of module names such as 'layers\.[0-3]\.mlp\.'"
             ) from None
         raise UserError(f"--layers: {_one_line(str(exc))}") from None
+
+
+def _budget_option(text: str) -> int | None:
+    """``--memory-budget``: None (auto), -1 (off) or bytes; a UserError naming the option otherwise."""
+    from influencer.guard import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UserError(f"--memory-budget: {exc}") from None
+
+
+def _guard_memory(
+    timer: _Timer,
+    budget: int | None,
+    device: str,
+    what: str,
+    model: Any,
+    task: Any,
+    batch: dict[str, Any],
+    layers: list[str],
+    **settings: Any,
+) -> None:
+    """Plan the run's memory (one forward + backward of one sequence) and refuse it when it would not fit."""
+    from influencer.guard import check_memory, memory_limit
+    from influencer.plan import plan
+
+    limit = memory_limit(budget, device)
+    if limit is None:
+        return
+    seq_len = max(2, int(batch["attention_mask"].sum(1).max())) if len(batch["attention_mask"]) else 2
+    stages = ("covariance", "eigh", "eigenvalues", "diagonal") if what == "fit" else ("queries", "scan")
+    hints = ("batch_size", "blocks") if what == "fit" else ("batch_size", "rank")
+    with timer.stage("memory plan", f"limit {limit / 2**30:.1f} GiB"):
+        p = plan(
+            model,
+            task,
+            layers,
+            seq_len=seq_len,
+            n_train=len(batch["input_ids"]),
+            memory_budget=limit,
+            calibrate=False,
+            **settings,
+        )
+    check_memory(p, stages, limit, what=what, given=budget is not None, hints=hints)

@@ -1,5 +1,5 @@
 # ruff: noqa: B008  (typer declares options as argument defaults)
-"""``influencer demo``: the end-to-end demo (SmolLM2-135M, King James Bible)."""
+"""``influencer demo``: the end-to-end demo (SmolLM2-135M-Instruct de-quantized from a 4-bit GGUF, King James Bible)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def demo(
         Path("runs/demo"), "--out", help="Folder for report.html (when influencer.report is available)."
     ),
 ) -> None:
-    """Run the end-to-end demo: EK-FAC on SmolLM2-135M, BM25 candidates from the whole King James Bible."""
+    """Run the end-to-end demo: EK-FAC on SmolLM2-135M-Instruct, BM25 candidates from the whole King James Bible."""
     strategy = _value(strategy)
     from influencer import demo as demo_module
 

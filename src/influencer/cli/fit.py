@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +27,16 @@ from influencer.cli._options import (
     _value,
 )
 from influencer.cli._progress import _console, _live, _size, _Timer, _timing_table, _timings_title
-from influencer.cli._runtime import _agree, _command, _process_group
+from influencer.cli._runtime import UserError, _agree, _command, _process_group
 from influencer.cli._shared import (
+    _budget_option,
     _check_layers,
+    _check_layers_early,
+    _check_number,
     _check_positions,
     _data_record,
     _data_settings,
+    _guard_memory,
     _load_model,
     _model_source,
     _read_training,
@@ -52,7 +59,10 @@ def fit(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to create.", rich_help_panel=_RUN),
     overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace an existing fit in --out (and its scans).", rich_help_panel=_RUN
+        False,
+        "--overwrite",
+        help="Replace an existing fit in --out (and its scans); discard an unfinished one.",
+        rich_help_panel=_RUN,
     ),
     fmt: FormatChoice = typer.Option(
         FormatChoice.auto,
@@ -151,10 +161,23 @@ def fit(
         rich_help_panel=_CURV,
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled labels.", rich_help_panel=_CURV),
+    checkpoint_every: int = typer.Option(
+        1024,
+        "--checkpoint-every",
+        min=1,
+        help="Save the running sums every N sequences: a killed fit resumes from there when run again.",
+        rich_help_panel=_RUN,
+    ),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Sequences per forward/backward pass."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N."),
     dtype: DtypeChoice = typer.Option(
         DtypeChoice.float32, "--dtype", help="Model weights dtype (the curvature math runs in float32/float64)."
+    ),
+    memory_budget: str = typer.Option(
+        "auto",
+        "--memory-budget",
+        help="Refuse to start when the planned peak memory exceeds this (auto: the memory available; "
+        "a size such as 20GB; off: no check).",
     ),
 ) -> None:
     """Fit the curvature (EK-FAC by default) of MODEL on DATA and write a run directory.
@@ -165,26 +188,47 @@ def fit(
     fmt, text_unit, truncation = _value(fmt), _value(text_unit), _value(truncation)
     strategy, fisher, dtype = _value(strategy), _value(fisher), _value(dtype)
     import influencer as inf
-    from influencer.runs import CURVATURE, FORMAT, RUN_FILE, VERSION, check_fit_target, versions, write_fit
+    from influencer.models import describe_model
+    from influencer.runs import (
+        CURVATURE,
+        FORMAT,
+        RUN_FILE,
+        VERSION,
+        check_fit_target,
+        discard_partial,
+        fit_partial,
+        locked_run,
+        versions,
+        write_fit,
+    )
 
     console = _console()
     timer = _Timer()
-    with _process_group(device), _live(timer):
+    with _process_group(device), _live(timer), contextlib.ExitStack() as held:
         import influencer.distributed as dist
 
-        def check() -> tuple[Path, str, str, dict[str, Any]]:
+        def check() -> tuple[Path, str, str, dict[str, Any], int | None]:
             # rank 0 decides about the run directory (it alone writes it); the option checks run everywhere
+            _check_number("--damping", damping, at_least=0)
+            _check_number("--damping-factor", damping_factor, above=0)
+            budget = _budget_option(memory_budget)
             target = check_fit_target(out, overwrite=overwrite) if dist.is_main() else Path(out).expanduser()
-            return (
-                target,
-                _resolve_device(device),
-                _model_source(model),
-                _data_settings(
-                    data, fmt, field_name, text_unit, split, sequences, max_length, packing, truncation, bos, eos
-                ),
+            settings = _data_settings(
+                data, fmt, field_name, text_unit, split, sequences, max_length, packing, truncation, bos, eos
             )
+            source = _model_source(model)
+            _check_layers_early(source, layers)  # before the weights are read
+            return target, _resolve_device(device), source, settings, budget
 
-        target, device, model_source, settings = _agree(check)
+        target, device, model_source, settings, budget = _agree(check)
+        held.enter_context(locked_run(target, "fit"))  # until the run directory is written
+        if dist.is_main():  # another fit may have finished between the check and the lock
+            check_fit_target(out, overwrite=overwrite)
+        partial = fit_partial(target)  # the resumable fit: checkpoints and finished stages until the run is written
+        if overwrite and dist.is_main():
+            discard_partial(partial)
+        elif partial.exists():
+            _say(console, f"resuming the unfinished fit in {partial}")
 
         def load() -> tuple[Any, Any, Documents, Sequences, list[Any]]:
             net, tok = _load_model(timer, model_source, dtype, device)
@@ -195,7 +239,21 @@ def fit(
 
         net, tok, docs, seqs, tracked = _agree(load)
         task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
-        with timer.stage("fit", f"{strategy}, {len(tracked)} layers"):
+        _guard_memory(
+            timer,
+            budget,
+            device,
+            "fit",
+            net,
+            task,
+            seqs.batch,
+            [x.name for x in tracked],
+            strategy=strategy,
+            blocks=blocks,
+            batch_size=batch_size,
+            fisher=fisher,
+        )
+        with timer.stage("fit", f"{strategy}, {len(tracked)} layers"), _resumable(partial):
             curv = inf.fit_curvature(
                 net,
                 task,
@@ -209,6 +267,8 @@ def fit(
                 batch_size=batch_size,
                 n_train=n_train,
                 seed=seed,
+                out_dir=partial,
+                checkpoint_every=checkpoint_every,
                 progress=True,
             )
         record = {
@@ -217,6 +277,7 @@ def fit(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": {
                 "source": model_source,
+                "description": describe_model(model_source),
                 "class": type(net).__name__,
                 "dtype": dtype,
                 "device": device,
@@ -248,6 +309,8 @@ def fit(
                 (tmp / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
             dist.run_collectively(lambda: write_fit(target, write))  # rank 0 writes; a failure fails every rank
+            if dist.is_main():
+                shutil.rmtree(partial, ignore_errors=True)
         processes = dist.world_size()
     _say(
         console,
@@ -255,3 +318,17 @@ def fit(
         f"(factors {_size(curv.nbytes())}) → {target}",
     )
     _timing_table(console, timer, _timings_title("fit", processes))
+
+
+@contextlib.contextmanager
+def _resumable(partial: Path) -> Iterator[None]:
+    """An unfinished fit with other settings is refused naming the setting (--overwrite discards it)."""
+    from influencer.ledger import ResumeConflictError
+
+    try:
+        yield
+    except ResumeConflictError as exc:
+        raise UserError(
+            f"{partial} holds an unfinished fit made with {exc.setting}={exc.saved!r:.60}, this one asks "
+            f"{exc.setting}={exc.asked!r:.60}: run the same fit to finish it, or pass --overwrite to discard it"
+        ) from None

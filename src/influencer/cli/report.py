@@ -12,6 +12,7 @@ from influencer.cli._app import app
 from influencer.cli._progress import _console, _live, _Timer
 from influencer.cli._runtime import UserError, _command
 from influencer.cli._shared import _quiet_transformers, _read_training, _say
+from influencer.pieces import token_pieces
 
 
 @app.command()
@@ -33,8 +34,8 @@ def report(
         ) from None
     import influencer as inf
     from influencer.data import sequence_digest
-    from influencer.models import load_tokenizer
-    from influencer.runs import REPORT, SCAN, read_run, read_scan_request
+    from influencer.models import describe_model, load_tokenizer
+    from influencer.runs import REPORT, SCAN, locked_run, read_run, read_scan_request
 
     console = _console()
     timer = _Timer()
@@ -43,7 +44,7 @@ def report(
     target = out if out is not None else run / REPORT
     if target.exists() and target.is_dir():
         raise UserError(f"{target} is a directory; give a file name with --out")
-    with _live(timer):
+    with _live(timer), locked_run(run, "report"):  # a scan must not replace scan/ while the report reads it
         with timer.stage("load scan"):
             result = inf.ScanResult.load(run / SCAN)
         with timer.stage("load tokenizer"):
@@ -59,14 +60,15 @@ def report(
         ids, mask = seqs.batch["input_ids"], seqs.batch["attention_mask"]
 
         def train_tokens(i: int) -> list[str]:
-            return [tok.decode([int(t)]) for t in ids[i, : int(mask[i].sum())]]
+            return token_pieces(tok, ids[i, : int(mask[i].sum())].tolist())
 
         def train_text(i: int) -> str:
-            return f"[{seqs.labels[i]}] " + tok.decode(ids[i, : int(mask[i].sum())].tolist())
+            return tok.decode(ids[i, : int(mask[i].sum())].tolist())
 
         fit_info = record["fit"]
         notes = [
-            f"model: {record['model']['source']} ({record['model']['class']})",
+            f"model: {record['model'].get('description') or describe_model(record['model']['source'])} "
+            f"({record['model']['class']})",
             f"curvature: {fit_info['strategy']} ({fit_info['fisher']} Fisher) on {len(fit_info['tracked_layers'])} "
             f"layers ({fit_info['layers']}), fitted on {fit_info['n_fit']} sequences",
             f"data: {settings['source']} ({seqs.report.summary()})",
@@ -86,6 +88,7 @@ def report(
                     queries=request["queries"],
                     train_tokens=train_tokens,
                     train_text=train_text,
+                    train_source=lambda i: str(seqs.labels[i]),
                     title=title or f"influencer report: {run.name}",
                     top=top,
                     notes=notes,

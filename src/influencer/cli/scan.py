@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,14 +25,18 @@ from influencer.cli._options import (
 from influencer.cli._progress import _console, _live, _Timer, _timing_table, _timings_title
 from influencer.cli._runtime import UserError, _agree, _command, _main_rank, _process_group
 from influencer.cli._shared import (
+    _budget_option,
     _check_positions,
     _data_settings,
+    _guard_memory,
     _load_model,
     _model_source,
     _read_training,
     _resolve_device,
     _say,
 )
+from influencer.ledger import ResumeConflictError
+from influencer.pieces import token_pieces
 
 if TYPE_CHECKING:
     import torch
@@ -181,7 +186,7 @@ def _snippet(tok: Any, ids: torch.Tensor, tokens: torch.Tensor | None, *, width:
     """The sequence's text around its most influential token, the top tokens in bold reverse."""
     from rich.text import Text
 
-    pieces = [tok.decode([int(t)]).replace("\n", "⏎") for t in ids]
+    pieces = [p.replace("\n", "⏎") for p in token_pieces(tok, ids.tolist())]
     top: set[int] = set()
     center = 0
     if tokens is not None and len(tokens):
@@ -385,6 +390,12 @@ def scan(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing scan (or discard an unfinished one) in RUN."
     ),
+    memory_budget: str = typer.Option(
+        "auto",
+        "--memory-budget",
+        help="Refuse to start when the planned peak memory exceeds this (auto: the memory available; "
+        "a size such as 20GB; off: no check).",
+    ),
 ) -> None:
     """Score every training sequence of a run against your queries; write RUN/scan/ and print the top hits.
 
@@ -400,6 +411,7 @@ def scan(
     if self_correct.strip().lower() not in corrections:
         raise UserError(f"--self-correct takes auto, on or off, got {self_correct!r}")
     correct = corrections[self_correct.strip().lower()]
+    budget = _budget_option(memory_budget)
     import influencer as inf
     from influencer.data import encode_queries, sequence_digest
     from influencer.io import atomic_write_json
@@ -409,6 +421,7 @@ def scan(
         SCAN_PARTIAL,
         SCAN_REQUEST,
         check_scan_target,
+        locked_run,
         publish_scan,
         read_run,
         versions,
@@ -416,7 +429,7 @@ def scan(
 
     console = _console()
     timer = _Timer()
-    with _process_group(device), _live(timer):
+    with _process_group(device), _live(timer), contextlib.ExitStack() as held:
         import influencer.distributed as dist
 
         def check() -> tuple[dict[str, Any], list[dict[str, str]], str, str, dict[str, Any]]:
@@ -443,6 +456,9 @@ def scan(
             return record, query_list, resolved, model_source, settings
 
         record, query_list, device, model_source, settings = _agree(check)
+        held.enter_context(locked_run(run, "scan"))  # until the scan is published: one writer per run
+        if dist.is_main() and (run / SCAN).exists() and not overwrite:  # a scan finished before the lock was had
+            raise UserError(f"{run / SCAN} already holds a scan; pass --overwrite to replace it")
         batch_size = batch_size or record["fit"].get("batch_size", 8)
 
         def load() -> tuple[Any, Any, Any, Documents, Sequences, str, dict[str, Any], Any, Any]:
@@ -493,6 +509,22 @@ def scan(
         if prefilter is not None and dist.world_size() > 1:
             candidates = dist.broadcast_tensors(None if candidates is None else {"c": candidates})["c"]
         task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+        _guard_memory(
+            timer,
+            budget,
+            device,
+            "scan",
+            net,
+            task,
+            seqs.batch,
+            curv.layer_names,
+            strategy=curv.strategy,
+            blocks=curv.blocks,
+            rank=rank or None,
+            n_queries=len(query_list),
+            batch_size=batch_size,
+            top_k=top_k,
+        )
 
         def target() -> tuple[str, bool]:
             partial = check_scan_target(run, overwrite=overwrite)
@@ -545,13 +577,11 @@ def scan(
                     self_correct=correct,
                     progress=True,
                 )
-            except ValueError as exc:
-                if "holds a scan" in str(exc) or "other query refinement settings" in str(exc):
-                    raise UserError(
-                        f"{run / SCAN_PARTIAL} holds an unfinished scan of other queries or settings; "
-                        "pass --overwrite to discard it"
-                    ) from None
-                raise
+            except ResumeConflictError as exc:
+                raise UserError(
+                    f"{run / SCAN_PARTIAL} holds an unfinished scan made with {exc.setting}={exc.saved!r:.60}, "
+                    f"this one asks {exc.setting}={exc.asked!r:.60}: pass --overwrite to discard it"
+                ) from None
         if split_completion and show > 0:
             from influencer.completion import completion_split
 
@@ -560,7 +590,7 @@ def scan(
             with timer.stage("completion split", f"{sum(map(len, hits.values()))} hits"):
                 splits = completion_split(net, task, inverse, qbatch, seqs.batch, hits, batch_size=batch_size)
             for sp in splits:
-                sp.texts = [tok.decode([t]) for t in sp.tokens]
+                sp.texts = token_pieces(tok, sp.tokens)
             result.meta["completion_split"] = {str(sp.query): sp.to_json() for sp in splits}
             dist.run_collectively(lambda: result.save(partial))
         request = {

@@ -9,7 +9,8 @@ from influencer.curvature.core import (
     LayerFactors,
     model_fingerprint,
 )
-from influencer.curvature.fit import fit_curvature, fit_partition, merge_fit
+from influencer.curvature.fit import fit_curvature
+from influencer.curvature.partitions import fit_partition, merge_fit
 
 __all__ = [
     "FISHERS",

@@ -11,6 +11,7 @@ For a layer with gradient matrix V [d_out, w]:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import uuid
 from dataclasses import dataclass, field, replace
@@ -27,12 +28,22 @@ from influencer.curvature.linalg import (
     rotate_tokens_first,
     to_eigenbasis,
 )
-from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from influencer.curvature.strategies import TABLE, strategy
+from influencer.curvature.strategies import strategy as strategy_record
+from influencer.io import (
+    CorruptArtifactError,
+    atomic_save_tensors,
+    atomic_write_json,
+    load_tensors,
+    read_json,
+    tensors_metadata,
+)
 from influencer.layers import Layer, as_layer
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+STRATEGIES = tuple(TABLE)
 FISHERS = ("true", "empirical")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the manifest is sealed and records the factors' checksum (1 is read without either)."""
 _FACTORS = "factors.safetensors"
 _MANIFEST = "manifest.json"
 
@@ -145,10 +156,11 @@ class Curvature:
 
     def precondition(self, name: str, v: torch.Tensor) -> torch.Tensor:
         """(G_l + λ_l)⁻¹ V for V [..., d_out, w] of layer ``name`` (identity: V itself)."""
-        if self.strategy == "identity":
+        kind = strategy(self.strategy)
+        if not kind.curved:
             return v
         inv = self.inverse_diagonal(name, v.dtype, v.device)
-        if self.strategy == "diagonal":
+        if not kind.basis:
             return v * inv
         qs, qa = self._basis(name, v.dtype, v.device)
         return from_eigenbasis(to_eigenbasis(v, qs, qa) * inv, qs, qa)
@@ -169,10 +181,11 @@ class Curvature:
 
     def quadratic_form(self, name: str, g: torch.Tensor) -> torch.Tensor:
         """⟨G, (G_l + λ_l)⁻¹ G⟩ for G [B, d_out, w] → [B]."""
-        if self.strategy == "identity":
+        kind = strategy(self.strategy)
+        if not kind.curved:
             return g.pow(2).flatten(1).sum(1)
         inv = self.inverse_diagonal(name, g.dtype, g.device)
-        if self.strategy != "diagonal":
+        if kind.basis:
             qs, qa = self._basis(name, g.dtype, g.device)
             g = to_eigenbasis(g, qs, qa)
         return (g.pow(2) * inv).flatten(1).sum(1)
@@ -180,7 +193,7 @@ class Curvature:
     def quadratic_form_tokens(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """⟨Ĝ, (G_l + λ_l)⁻¹ Ĝ⟩ of the per-sequence gradients Ĝ_b = Σ_t g_{b,t} ā_{b,t}ᵀ from a [B, T, w] and
         g [B, T, d_out] → [B], rotating tokens first (Q_Sᵀ g_t, Q_Aᵀ ā_t) when that is cheaper than rotating Ĝ."""
-        if self.strategy in ("kfac", "ekfac") and rotate_tokens_first(a.shape[1], g.shape[-1], a.shape[-1]):
+        if strategy(self.strategy).basis and rotate_tokens_first(a.shape[1], g.shape[-1], a.shape[-1]):
             qs, qa = self._basis(name, a.dtype, a.device)
             rotated = per_example_grads(rotate(a, qa), rotate(g, qs))  # Q_Sᵀ Ĝ Q_A
             inv = self.inverse_diagonal(name, a.dtype, a.device)
@@ -220,7 +233,7 @@ class Curvature:
     @property
     def complete(self) -> bool:
         """False for the eigenbases-only result of the first stage of an EK-FAC fit by partitions."""
-        return self.strategy == "identity" or all(f.lam is not None for f in self.layers.values())
+        return not strategy(self.strategy).curved or all(f.lam is not None for f in self.layers.values())
 
     # --- model binding -------------------------------------------------------------------------------
     def bind(self, model: nn.Module, *, check_weights: bool = True) -> list[Layer]:
@@ -290,10 +303,10 @@ class Curvature:
         tensors: dict[str, torch.Tensor] = {}
         for f in self.layers.values():
             tensors.update(f.tensors())
-        atomic_save_tensors(path / _FACTORS, tensors, metadata={"save_token": token})
+        digest = atomic_save_tensors(path / _FACTORS, tensors, metadata={"save_token": token})
         manifest = self.manifest()
-        manifest["save_token"] = token
-        atomic_write_json(path / _MANIFEST, manifest)
+        manifest.update(save_token=token, tensors_sha256=digest)
+        atomic_write_json(path / _MANIFEST, manifest, seal=True)
         return path
 
     @classmethod
@@ -305,7 +318,7 @@ class Curvature:
                 f"no curvature at '{path}' (expected {_MANIFEST} and {_FACTORS}); "
                 "create one with fit_curvature(...).save(path)"
             )
-        m = read_json(path / _MANIFEST)
+        m = read_json(path / _MANIFEST, sealed=True, legacy_below=2)
         if m.get("format") != "influencer.curvature":
             raise ValueError(f"'{path / _MANIFEST}' is not an influencer curvature manifest")
         if m.get("version", 0) > FORMAT_VERSION:
@@ -313,15 +326,26 @@ class Curvature:
                 f"curvature at '{path}' has format version {m['version']}; this influencer reads "
                 f"≤ {FORMAT_VERSION}: upgrade influencer"
             )
-        from safetensors import safe_open
-
-        with safe_open(str(path / _FACTORS), framework="pt") as fh:
-            token = (fh.metadata() or {}).get("save_token")
-        if token != m.get("save_token"):
+        if tensors_metadata(path / _FACTORS).get("save_token") != m.get("save_token"):
             raise ValueError(
                 f"'{path}' holds factors and a manifest from different saves (interrupted write?); save again"
             )
-        tensors = load_tensors(path / _FACTORS)
+        tensors = load_tensors(path / _FACTORS, expect=m.get("tensors_sha256"), required=m.get("version", 0) >= 2)
+        try:
+            curv = cls._from_manifest(m, tensors)
+        except KeyError as e:
+            raise CorruptArtifactError(f"'{path / _MANIFEST}' lacks the entry {e}: it is damaged; fit again") from None
+        bad = [n for n, f in curv.layers.items() if not (math.isfinite(f.damping) and f.damping >= 0)]
+        if bad:
+            raise CorruptArtifactError(
+                f"'{path / _MANIFEST}' gives layer '{bad[0]}' a damping that is not finite and ≥ 0"
+            )
+        if model is not None:
+            curv.bind(model)
+        return curv
+
+    @classmethod
+    def _from_manifest(cls, m: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Curvature:
         layers = {}
         for name in m.get("layer_order", list(m["layers"])):
             info = m["layers"][name]
@@ -351,19 +375,19 @@ class Curvature:
             fingerprint=m["fingerprint"],
             seed=m.get("seed", 0),
         )
-        if model is not None:
-            curv.bind(model)
         return curv
 
 
 def resolve_damping(strategy: str, lam: torch.Tensor | None, damping: float | None, factor: float) -> float:
     """λ_l: the absolute ``damping`` if given, else ``factor`` × mean(Λ_l); 0 for identity."""
-    if strategy == "identity":
+    if not strategy_record(strategy).curved:
         return 0.0
     if damping is not None:
-        if damping < 0:
-            raise ValueError(f"damping must be ≥ 0, got {damping}")
+        if not (math.isfinite(damping) and damping >= 0):
+            raise ValueError(f"damping must be finite and ≥ 0, got {damping}")
         return float(damping)
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"damping_factor must be finite and > 0, got {factor}")
     assert lam is not None
     value = factor * float(lam.to(torch.float64).mean())
     return value if value > 0 else 1e-12

@@ -13,6 +13,7 @@ import datetime as _dt
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ def write_report(
     queries: Sequence[Mapping[str, str]],
     train_tokens: Callable[[int], Sequence[str]],
     train_text: Callable[[int], str] | None = None,
+    train_source: Callable[[int], str] | None = None,
     title: str = "influencer report",
     top: int = 10,
     notes: Sequence[str] = (),
@@ -46,7 +48,9 @@ def write_report(
     queries[q]: {"prompt": str, "completion": str} for each of the scan's queries. train_tokens(i): the token
     strings of training sequence i, aligned with ``Hit.tokens`` [T] (truncated to the shorter, with a note, when
     lengths differ). train_text(i): the sequence's text, shown collapsed (and instead of tokens when the scan has
-    no token scores). top: hits shown per query (positive and negative lists). notes: lines shown at the top.
+    no token scores). train_source(i): where the sequence comes from (a verse, file:line), shown in the hit's
+    header. top: hits shown per query (the positive hits, then the negative ones; a list holds only hits of its
+    sign). notes: lines shown at the top. Queries are numbered from 1, as on the command line.
     When ``path`` is an existing directory the page is written as ``path/report.html``.
     """
     if len(queries) < result.n_queries:
@@ -61,7 +65,14 @@ def write_report(
     if out.is_dir():
         out = out / "report.html"
     html = render_report(
-        result, queries=queries, train_tokens=train_tokens, train_text=train_text, title=title, top=top, notes=notes
+        result,
+        queries=queries,
+        train_tokens=train_tokens,
+        train_text=train_text,
+        train_source=train_source,
+        title=title,
+        top=top,
+        notes=notes,
     )
     atomic_write_text(out, html)
     return out
@@ -73,6 +84,7 @@ def render_report(
     queries: Sequence[Mapping[str, str]],
     train_tokens: Callable[[int], Sequence[str]],
     train_text: Callable[[int], str] | None = None,
+    train_source: Callable[[int], str] | None = None,
     title: str = "influencer report",
     top: int = 10,
     notes: Sequence[str] = (),
@@ -95,7 +107,8 @@ def render_report(
     for q in range(result.n_queries):
         row = None if full is None else full[q]
         stats = query_tail_stats(result, q, scores=row)
-        pages.append(_query_view(result, q, queries[q], stats, row, train_tokens, train_text, top))
+        texts = _Texts(train_tokens, train_text, train_source)
+        pages.append(_query_view(result, q, queries[q], stats, row, texts, top))
     context = {
         "title": title,
         "notes": [str(n) for n in notes],
@@ -165,14 +178,17 @@ def _token_spans(tokens: Sequence[str], values: Sequence[float]) -> list[dict[st
     return spans
 
 
-def _hit_view(
-    result: ScanResult,
-    hit: Hit,
-    rank: int,
-    train_tokens: Callable[[int], Sequence[str]],
-    train_text: Callable[[int], str] | None,
-    heatmap: bool,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Texts:
+    """How the page reads a training sequence: its token strings, its text, its source (see write_report)."""
+
+    tokens: Callable[[int], Sequence[str]]
+    text: Callable[[int], str] | None = None
+    source: Callable[[int], str] | None = None
+
+
+def _hit_view(result: ScanResult, hit: Hit, rank: int, texts: _Texts, heatmap: bool) -> dict[str, Any]:
+    train_tokens, train_text = texts.tokens, texts.text
     spurious = hit.spurious
     view: dict[str, Any] = {
         "rank": rank,
@@ -187,6 +203,7 @@ def _hit_view(
         "note": None,
         "heatmap": None,
         "text": None if train_text is None else str(train_text(hit.index)),
+        "source": None if texts.source is None else str(texts.source(hit.index)),
     }
     strings = [str(t) for t in train_tokens(hit.index)]
     if hit.tokens is None:
@@ -269,17 +286,18 @@ def _query_view(
     query: Mapping[str, str],
     stats: TailStats,
     row: Any,
-    train_tokens: Callable[[int], Sequence[str]],
-    train_text: Callable[[int], str] | None,
+    texts: _Texts,
     top: int,
 ) -> dict[str, Any]:
     from influencer.analysis.plots import plot_layer_profile, plot_tail
 
-    hits = result.top(q, top)
-    negative = result.top(q, top, negative=True)
+    # each list holds hits of its sign only (with few candidates the top positive hits may include negatives)
+    hits = [h for h in result.top(q, top) if h.score > 0]
+    negative = [h for h in result.top(q, top, negative=True) if h.score < 0]
     running = result.stats(q)
     view: dict[str, Any] = {
         "index": q,
+        "number": q + 1,
         "prompt": str(query["prompt"]),
         "completion": str(query["completion"]),
         "totals": [
@@ -292,15 +310,15 @@ def _query_view(
         "tail": _tail_view(stats, result.n_train, bool(result.meta.get("prefiltered"))),
         "tail_plot": None,
         "layer_plot": _png(
-            plot_layer_profile(hits, result.layer_names, title=f"query {q}: layer profile of the top hits")
+            plot_layer_profile(hits, result.layer_names, title=f"query {q + 1}: layer profile of the top hits")
         )
         if hits
         else None,
-        "hits": [_hit_view(result, h, r + 1, train_tokens, train_text, r < HEATMAP_HITS) for r, h in enumerate(hits)],
-        "negative": [_hit_view(result, h, r + 1, train_tokens, train_text, False) for r, h in enumerate(negative)],
+        "hits": [_hit_view(result, h, r + 1, texts, r < HEATMAP_HITS) for r, h in enumerate(hits)],
+        "negative": [_hit_view(result, h, r + 1, texts, False) for r, h in enumerate(negative)],
     }
     if row is not None:
-        view["tail_plot"] = _png(plot_tail(row, stats.fit, title=f"query {q}: sorted influence"))
+        view["tail_plot"] = _png(plot_tail(row, stats.fit, title=f"query {q + 1}: sorted influence"))
     view["completion_split"] = _completion_view(result, q, [h.index for h in hits][:HEATMAP_HITS])
     return view
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 import influencer as inf
+from influencer.curvature.strategies import strategy as strategy_record
 from influencer.functional import FlatModel
 from influencer.io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json
 from influencer.validate.pbrf import PBRF, PBRFConfig
@@ -424,7 +425,7 @@ def run_experiment(
                 progress=False,
             )
         )
-        if strategy != "identity":
+        if strategy_record(strategy).curved:
             curv = curv.with_damping(damping=lam)
         sc = inf.pairwise_scores(
             s.model, s.task, curv, queries, subset, batch_size=batch_size, per_layer=False, progress=False

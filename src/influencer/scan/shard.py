@@ -1,0 +1,99 @@
+"""One shard of training sequences through the scorers, and the re-ranking of hits by their own curvature."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from influencer.layers import Layer
+from influencer.passes import batches, layer_io
+from influencer.progress import Bar
+from influencer.scan.contract import _LayerScorer
+from influencer.scan.topk import BANDS, _State
+from influencer.tasks import Task
+
+
+def _correction_meta(correction: dict[str, Any] | None) -> dict[str, Any] | None:
+    if correction is None or "factors" not in correction:
+        return correction
+    return {**correction, "factors": {str(i): f for i, f in correction["factors"].items()}}
+
+
+def _rescale_hits(state: _State, factors: dict[int, float], k: int, depth: int | None = None) -> _State:
+    """Every kept list's first ``depth`` entries with each hit's score (and its layer parts) times its factor,
+    re-ranked, cut to k."""
+    out = _State.empty(state.count.shape[0], k, state.top.layers.shape[-1], state.top.values.dtype)
+    out.count, out.total, out.positive, out.squares = state.count, state.total, state.positive, state.squares
+    out.scores = state.scores
+    for mine, theirs, largest in (
+        (out.top, state.top, True),
+        (out.bottom, state.bottom, False),
+        *((out.bands[b], state.bands[b], True) for b in BANDS),
+    ):
+        d = theirs.values.shape[1] if depth is None else depth
+        rows = [[factors.get(int(i), 1.0) for i in row] for row in theirs.indices[:, :d].tolist()]
+        f = torch.tensor(rows, dtype=torch.float64).to(theirs.values.dtype)
+        mine.update(theirs.values[:, :d] * f, theirs.indices[:, :d], theirs.layers[:, :d] * f[..., None], largest)
+    return out
+
+
+def _candidates(
+    candidates: Sequence[torch.Tensor] | torch.Tensor | None, q: int, n: int
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(allowed [Q, N] bool or None, the sorted training indices to scan)."""
+    if candidates is None:
+        return None, torch.arange(n)
+    if isinstance(candidates, torch.Tensor) and candidates.dim() == 1:
+        candidates = [candidates] * q
+    if len(candidates) != q:
+        raise ValueError(f"candidates: got {len(candidates)} index lists for {q} queries")
+    allowed = torch.zeros(q, n, dtype=torch.bool)
+    for i, c in enumerate(candidates):
+        c = torch.as_tensor(c, dtype=torch.long)
+        if len(c) and (int(c.min()) < 0 or int(c.max()) >= n):
+            raise ValueError(f"candidates for query {i} index outside the {n} training sequences")
+        allowed[i, c] = True
+    return allowed, allowed.any(0).nonzero().flatten()
+
+
+class _Subset:
+    def __init__(self, dataset: Any, indices: torch.Tensor):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(self.indices[i])]
+
+
+def _scan_shard(
+    model: nn.Module,
+    task: Task,
+    layers: list[Layer],
+    scorers: list[_LayerScorer],
+    dataset: Any,
+    shard: torch.Tensor,
+    allowed: torch.Tensor | None,
+    q: int,
+    top_k: int,
+    dtype: torch.dtype,
+    batch_size: int,
+    keep_scores: bool,
+    bar: Bar,
+) -> _State:
+    state = _State.empty(q, top_k, len(layers), dtype)
+    subset = _Subset(dataset, shard)
+    for local, batch in batches(subset, task, batch_size, desc="scan", progress=False):
+        idx = shard[local]
+        io = layer_io(model, task, layers, batch, idx, loss="train")
+        # one device → host copy per batch (a sync per layer would stall a GPU)
+        per_layer = torch.stack(
+            [s.scores(io[s.layer.name].a.to(dtype), io[s.layer.name].g.to(dtype)) for s in scorers]
+        ).cpu()
+        state.update(idx, per_layer, None if allowed is None else allowed[:, idx], keep_scores)
+        bar.update(len(idx))
+    return state
