@@ -77,6 +77,12 @@ def _write_run(text: str) -> Callable[[SimpleNamespace], None]:
     return lambda c: (c.run / "run.json").write_text(text)  # type: ignore[func-returns-value]
 
 
+def _weightless_model(c: SimpleNamespace) -> None:
+    """A model folder with its config and tokenizer but no weights: loading it would fail."""
+    folder = c.tmp / "no-weights"
+    shutil.copytree(c.ws.model, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+
+
 def _scanned(c: SimpleNamespace) -> None:
     ok(invoke("scan", c.run, "-p", "In the", "-c", " beginning", "--no-tokens"))
 
@@ -105,6 +111,12 @@ CASES = [
         lambda c: ["fit", c.ws.model, c.tmp / "empty.txt", "--out", c.new],
         "empty.txt",
         prepare=_write("empty.txt", "\n\n"),
+    ),
+    Case(
+        "fit-bad-data-found-before-the-weights-are-read",
+        lambda c: ["fit", c.tmp / "no-weights", c.tmp / "body.jsonl", "--out", c.new],
+        "no field 'text'",
+        prepare=lambda c: (_weightless_model(c), _write("body.jsonl", '{"body": "x"}\n')(c)),  # type: ignore[func-returns-value]
     ),
     Case("fit-truncation-error", _fit("--max-length", "8", "--truncation", "error"), "more than max length 8"),
     # fit: layers, resolved before the weights are read

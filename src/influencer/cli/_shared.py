@@ -119,8 +119,9 @@ def _data_settings(
     return settings
 
 
-def _read_training(timer: _Timer, tokenizer: Any, settings: dict[str, Any]) -> tuple[Documents, Sequences]:
-    from influencer.data import load_documents, make_sequences
+def _read_documents(timer: _Timer, settings: dict[str, Any]) -> Documents:
+    """The training documents (read and checked before any model is loaded: bad data fails in seconds)."""
+    from influencer.data import load_documents
 
     with timer.stage("read data") as row:
         docs = load_documents(
@@ -132,6 +133,12 @@ def _read_training(timer: _Timer, tokenizer: Any, settings: dict[str, Any]) -> t
             max_documents=None if settings["packing"] else settings["sequences"],
         )
         row.detail = f"{len(docs)} documents"
+    return docs
+
+
+def _tokenize(timer: _Timer, tokenizer: Any, settings: dict[str, Any], docs: Documents) -> Sequences:
+    from influencer.data import make_sequences
+
     with timer.stage("tokenize") as row:
         seqs = make_sequences(
             tokenizer,
@@ -144,7 +151,12 @@ def _read_training(timer: _Timer, tokenizer: Any, settings: dict[str, Any]) -> t
             max_sequences=settings["sequences"],
         )
         row.detail = f"{len(seqs)} sequences"
-    return docs, seqs
+    return seqs
+
+
+def _read_training(timer: _Timer, tokenizer: Any, settings: dict[str, Any]) -> tuple[Documents, Sequences]:
+    docs = _read_documents(timer, settings)
+    return docs, _tokenize(timer, tokenizer, settings, docs)
 
 
 def _data_record(settings: dict[str, Any], docs: Documents, seqs: Sequences) -> dict[str, Any]:

@@ -39,9 +39,10 @@ from influencer.cli._shared import (
     _guard_memory,
     _load_model,
     _model_source,
-    _read_training,
+    _read_documents,
     _resolve_device,
     _say,
+    _tokenize,
 )
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ def fit(
     with _process_group(device), _live(timer), contextlib.ExitStack() as held:
         import influencer.distributed as dist
 
-        def check() -> tuple[Path, str, str, dict[str, Any], int | None]:
+        def check() -> tuple[Path, str, str, dict[str, Any], int | None, Documents]:
             # rank 0 decides about the run directory (it alone writes it); the option checks run everywhere
             _check_number("--damping", damping, at_least=0)
             _check_number("--damping-factor", damping_factor, above=0)
@@ -218,9 +219,10 @@ def fit(
             )
             source = _model_source(model)
             _check_layers_early(source, layers)  # before the weights are read
-            return target, _resolve_device(device), source, settings, budget
+            docs = _read_documents(timer, settings)  # bad data fails before the model loads
+            return target, _resolve_device(device), source, settings, budget, docs
 
-        target, device, model_source, settings, budget = _agree(check)
+        target, device, model_source, settings, budget, docs = _agree(check)
         held.enter_context(locked_run(target, "fit"))  # until the run directory is written
         if dist.is_main():  # another fit may have finished between the check and the lock
             check_fit_target(out, overwrite=overwrite)
@@ -230,14 +232,14 @@ def fit(
         elif partial.exists():
             _say(console, f"resuming the unfinished fit in {partial}")
 
-        def load() -> tuple[Any, Any, Documents, Sequences, list[Any]]:
+        def load() -> tuple[Any, Any, Sequences, list[Any]]:
             net, tok = _load_model(timer, model_source, dtype, device)
-            docs, seqs = _read_training(timer, tok, settings)
+            seqs = _tokenize(timer, tok, settings, docs)
             _say(console, f"data: {seqs.report.summary()}")
             _check_positions(net, seqs.batch, "training sequences", "--max-length")
-            return net, tok, docs, seqs, _check_layers(net, layers)
+            return net, tok, seqs, _check_layers(net, layers)
 
-        net, tok, docs, seqs, tracked = _agree(load)
+        net, tok, seqs, tracked = _agree(load)
         task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
         _guard_memory(
             timer,

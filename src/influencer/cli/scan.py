@@ -31,9 +31,11 @@ from influencer.cli._shared import (
     _guard_memory,
     _load_model,
     _model_source,
+    _read_documents,
     _read_training,
     _resolve_device,
     _say,
+    _tokenize,
 )
 from influencer.ledger import ResumeConflictError
 from influencer.pieces import token_pieces
@@ -432,7 +434,7 @@ def scan(
     with _process_group(device), _live(timer), contextlib.ExitStack() as held:
         import influencer.distributed as dist
 
-        def check() -> tuple[dict[str, Any], list[dict[str, str]], str, str, dict[str, Any]]:
+        def check() -> tuple[dict[str, Any], list[dict[str, str]], str, str, dict[str, Any], Documents]:
             record = read_run(run)
             query_list = _queries_from_options(queries, prompt, completion)
             resolved = _resolve_device(device)
@@ -453,9 +455,10 @@ def scan(
             )
             if dist.is_main() and (run / SCAN).exists() and not overwrite:  # rank 0 decides about the run
                 raise UserError(f"{run / SCAN} already holds a scan; pass --overwrite to replace it")
-            return record, query_list, resolved, model_source, settings
+            docs = _read_documents(timer, settings)  # bad data fails before the model loads
+            return record, query_list, resolved, model_source, settings, docs
 
-        record, query_list, device, model_source, settings = _agree(check)
+        record, query_list, device, model_source, settings, docs = _agree(check)
         held.enter_context(locked_run(run, "scan"))  # until the scan is published: one writer per run
         if dist.is_main() and (run / SCAN).exists() and not overwrite:  # a scan finished before the lock was had
             raise UserError(f"{run / SCAN} already holds a scan; pass --overwrite to replace it")
@@ -465,7 +468,7 @@ def scan(
             net, tok = _load_model(timer, model_source, dtype or record["model"].get("dtype", "float32"), device)
             with timer.stage("load curvature"):
                 curv = inf.Curvature.load(run / CURVATURE, net)
-            docs, seqs = _read_training(timer, tok, settings)
+            seqs = _tokenize(timer, tok, settings, docs)
             digest = sequence_digest(seqs.batch)
             if (
                 data is None
