@@ -14,7 +14,8 @@ import torch
 import zoo
 
 import influencer as inf
-from influencer.curvature.fit import _Checkpoint, _Sums
+from influencer.curvature.checkpoint import _Checkpoint
+from influencer.curvature.sums import _Sums
 from influencer.io import CorruptArtifactError, atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.ledger import ResumeConflictError, check_resume
 

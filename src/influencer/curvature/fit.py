@@ -22,18 +22,15 @@ every split draws the same labels, and the sums are additive.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 import os
-import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from influencer import distributed as dist
+from influencer.curvature.checkpoint import _Checkpoint, _clear_partials
 from influencer.curvature.core import (
     FISHERS,
     Curvature,
@@ -55,7 +52,6 @@ from influencer.curvature.sums import (  # noqa: F401  (the stage constants and 
     _Run,
     _Sums,
 )
-from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from influencer.layers import LayerSpec, select_layers
 from influencer.ledger import Ledger, examples_digest
 from influencer.passes import amp_aware, eval_mode
@@ -213,80 +209,3 @@ def _commit_stage(out: Path, target: str, curv: Curvature, config: dict[str, Any
     """Save a finished stage's result, then record it in ``fit.json`` (the commit point)."""
     curv.save(out / target)
     _ledger(out, config).mark(done)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Checkpoints of running sums
-# --------------------------------------------------------------------------------------------------------
-
-
-def _digest_of(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-class _Checkpoint:
-    """This rank's running sums of one stage, saved after every chunk of ``every`` sequences.
-
-    ``<dir>/<stage>.r<rank>of<world>.json`` (the commit point) names the current tensor file; the previous
-    file is removed only after the JSON points to the new one, so a kill at any moment leaves a usable pair.
-    """
-
-    def __init__(self, directory: Path, stage: str, config: dict[str, Any], every: int):
-        self.dir, self.every = directory, every
-        self.config = {**config, "rank": dist.rank(), "world": dist.world_size()}
-        self.stem = f"{stage}.r{dist.rank()}of{dist.world_size()}"
-        self.digest = _digest_of(self.config)
-        self.file: str | None = None
-
-    @property
-    def manifest(self) -> Path:
-        return self.dir / f"{self.stem}.json"
-
-    def restore(self, sums: _Sums, default: int) -> int:
-        """Load the saved sums into ``sums``; returns the first sequence still to do."""
-        m = read_json(self.manifest, sealed=True) if self.manifest.is_file() else None
-        if m is not None and (m.get("config") != self.digest or not (self.dir / m["file"]).is_file()):
-            warnings.warn(
-                f"ignoring the checkpoint '{self.manifest}' (other settings); this stage starts over", stacklevel=3
-            )
-            m = None
-        self.file = None if m is None else m["file"]
-        self._remove_strays()
-        if m is None:
-            return default
-        sums.load_state(load_tensors(self.dir / m["file"], expect=m.get("sha256_tensors"), required=True), m["sums"])
-        return int(m["next"])
-
-    def save(self, sums: _Sums, next_: int) -> None:
-        tensors, meta = sums.state()
-        name = f"{self.stem}.{next_:012d}.safetensors"
-        digest = atomic_save_tensors(self.dir / name, tensors)
-        atomic_write_json(
-            self.manifest,
-            {"config": self.digest, "next": next_, "file": name, "sums": meta, "sha256_tensors": digest},
-            seal=True,
-        )
-        if self.file is not None and self.file != name:
-            (self.dir / self.file).unlink(missing_ok=True)
-        self.file = name
-
-    def _remove_strays(self) -> None:
-        """Tensor files and temporaries of this rank's stage that the manifest does not name (left by a kill)."""
-        if not self.dir.is_dir():
-            return
-        for p in [*self.dir.glob(f"{self.stem}.*.safetensors"), *self.dir.glob(f".{self.stem}.*.tmp")]:
-            if p.name != self.file:
-                p.unlink(missing_ok=True)
-
-    def clear(self) -> None:
-        """Remove this rank's checkpoint of the stage (after the stage's result is saved)."""
-        self.manifest.unlink(missing_ok=True)
-        self.file = None
-        self._remove_strays()
-
-
-def _clear_partials(directory: Path) -> None:
-    """Once a run's result is saved: drop every checkpoint left in ``directory`` (by any rank or earlier run)."""
-    dist.barrier()
-    if dist.is_main():
-        shutil.rmtree(directory, ignore_errors=True)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from influencer import distributed as dist
+from influencer.curvature.checkpoint import _Checkpoint, _clear_partials
 from influencer.curvature.core import (
     Curvature,
     LayerFactors,
@@ -23,7 +24,7 @@ from influencer.curvature.core import (
     resolve_damping,
     weight_sample,
 )
-from influencer.curvature.fit import DEFAULT_CHECKPOINT_EVERY, _check_options, _Checkpoint, _clear_partials
+from influencer.curvature.fit import DEFAULT_CHECKPOINT_EVERY, _check_options
 from influencer.curvature.linalg import (
     split_sizes,
 )

@@ -28,7 +28,7 @@ from influencer.progress import progress_bar
 from influencer.tasks import Task
 
 if TYPE_CHECKING:
-    from influencer.curvature.fit import _Checkpoint
+    from influencer.curvature.checkpoint import _Checkpoint
 
 #: the passes of a fit; each draws its own sampled labels (its stream)
 STAGES = ("covariance", "eigenvalues", "diagonal")
