@@ -263,7 +263,7 @@ def test_figures(tmp_path) -> None:
     big = Hit(0, 8, 1e4, 1e3, {n: 1e4 / 3 for n in names})
     fig = plot_layer_profile([big, hit], names)
     ax = fig.axes[0]
-    assert ax.get_yscale() == "symlog"  # one hit 10⁴× the other would flatten it on a linear axis
+    assert ax.get_yscale() == "symlog"  # one hit 10⁴× the other would flatten it on a linear axis (> 8×: symlog)
     legend = ax.get_legend()
     fig.canvas.draw()
     box, axes_box = legend.get_window_extent(), ax.get_window_extent()

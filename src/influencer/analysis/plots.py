@@ -141,13 +141,14 @@ def plot_layer_profile(
     ax.axhline(0.0, color="0.4", lw=0.6)
     scales = [float(np.nanmax(np.abs(r))) for r in rows if np.isfinite(r).any()]
     scales = [x for x in scales if x > 0]
-    if scales and max(scales) > 20 * min(scales):
+    if scales and max(scales) > 8 * min(scales):
         # one hit far larger than another would flatten the smaller one's line on a linear axis
         ax.set_yscale("symlog", linthresh=min(scales) / 2)
         ax.set_ylabel("I_l (raw score, symlog)")
     else:
         ax.set_ylabel("I_l (raw score)")
     ax.set_xlabel("tracked layer (forward order)")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # layer indices, not 2.5
     if len(layer_names) <= 12:
         ax.set_xticks(idx, _short(layer_names), rotation=35, ha="right", fontsize=6, parse_math=False)
     ax.set_title(title or "layer profile of the top hits", fontsize=10, parse_math=False)
