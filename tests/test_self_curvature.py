@@ -70,7 +70,7 @@ def test_self_correction_uses_the_curvatures_quadratic_form() -> None:
 def test_scan_rescales_its_hits_by_their_leave_one_in_factors() -> None:
     from influencer.refine import RefinedInverse
     from influencer.refine_plan import sample_rows
-    from influencer.scan import POOL
+    from influencer.scan import BANDS, POOL
     from influencer.self_curvature import hit_factors
 
     model, task, _train, queries = SETUPS["llama-causal-lm"]
@@ -79,11 +79,20 @@ def test_scan_rescales_its_hits_by_their_leave_one_in_factors() -> None:
     curv = inf.fit_curvature(model, task, train, layers="all", progress=False)
     kw = {"rank": None, "keep_scores": True, "progress": False, "top_k": 4, "refine": 2}
     raw = inf.scan(model, task, curv, queries, train, self_correct=False, **kw)
-    # on by default for the refined (default) path, within a budget: 64 sequences cannot pay for the pool of 2
-    # queries (~4 passes per candidate, at most the scan's own cost), so the default says it skipped it
-    skipped = inf.scan(model, task, curv, queries, train, **kw)
-    assert "skipped" in skipped.meta["self_correction"]
-    assert [h.index for h in skipped.top(0)] == [h.index for h in raw.top(0)]
+    # on by default for the refined (default) path, within a budget: 64 sequences cannot pay for the whole pool
+    # of 2 queries (~4 passes per candidate, at most the scan's own cost), nor for every list's kept hits, so the
+    # default corrects the kept hits of the top and bottom lists (what a user reads) and leaves the bands alone
+    partial = inf.scan(model, task, curv, queries, train, **kw)
+    sc = partial.meta["self_correction"]
+    assert sc["lists"] == "top and bottom" and sc["pool"] == 4 and sc["candidates"] <= 2 * 2 * 4
+    corrected = {int(i) for i in sc["factors"]}
+    for q in range(2):
+        assert {h.index for h in partial.top(q)} <= corrected  # every kept top hit was corrected
+        assert {h.index for h in partial.top(q)} == {h.index for h in raw.top(q)}  # the same kept hits, re-ranked
+        for band in BANDS:
+            assert [(h.index, h.score) for h in partial.top(q, band=band)] == [
+                (h.index, h.score) for h in raw.top(q, band=band)
+            ]
     fixed = inf.scan(model, task, curv, queries, train, self_correct=True, **kw)  # forced
     assert raw.meta["self_correction"] is None
     factors = {int(i): f for i, f in fixed.meta["self_correction"]["factors"].items()}

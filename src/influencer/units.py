@@ -40,9 +40,11 @@ def correction_note(meta: dict[str, Any]) -> str | None:
         return f"hits not corrected for their own curvature: {sc['skipped']} (self_correct=True forces it)"
     f = [float(v) for v in sc["factors"].values()]
     span = f" (factors {min(f):.2g}-{max(f):.2g})" if f else ""
+    lists = sc.get("lists", "all")
+    which = "" if lists == "all" else " of the top and bottom lists (the layer-band lists are not: budget)"
     return (
-        f"hits rescaled by their own curvature (leave-one-in, re-ranked among {sc['pool']} candidates per list)"
-        f"{span}; full scores and totals are not"
+        f"hits{which} rescaled by their own curvature (leave-one-in, re-ranked among {sc['pool']} candidates per "
+        f"list){span}; full scores and totals are not"
     )
 
 

@@ -24,7 +24,14 @@ from influencer.queries import LayerQueries, QueryStore
 from influencer.refine_plan import default_inverse
 from influencer.scan.contract import DEFAULT_DENSE_BUDGET, _choose_modes, _LayerScorer
 from influencer.scan.result import ScanResult
-from influencer.scan.shard import _candidates, _correction_meta, _rescale_hits, _scan_shard
+from influencer.scan.shard import (
+    _candidates,
+    _correction_meta,
+    _correction_pool,
+    _distinct,
+    _rescale_hits,
+    _scan_shard,
+)
 from influencer.scan.tokens import attribute_tokens
 from influencer.scan.topk import _State
 from influencer.tasks import Task
@@ -351,26 +358,19 @@ def _scan(
         from influencer.refine_plan import pass_flops, refinement_share, scan_pass_cost
         from influencer.self_curvature import OWN_CURVATURE_COST, hit_factors
 
-        def distinct(k: int) -> list[int]:
-            lists = (state.top, state.bottom, *state.bands.values())
-            return sorted({int(i) for t in lists for i in t.indices[:, :k].flatten()} - {-1})
-
         # the correction costs ~OWN_CURVATURE_COST passes per distinct candidate: keep it within the share of the
-        # scan's cost (in passes, as the refinement's plan counts it) that the refinement may spend — shrink the
-        # pool to the kept hits, else skip it and say so
+        # scan's cost (in passes, as the refinement's plan counts it) that the refinement may spend
         scan_cost = scan_pass_cost(q, layers, store.rank, pass_flops(model))
         allowed = refinement_share(len(order)) * len(order) * scan_cost / OWN_CURVATURE_COST
-        depth = top_k
-        pool = distinct(depth)
-        if len(pool) > allowed and not self_correct:
-            depth = wanted_k
-            pool = distinct(depth)
-        if len(pool) <= allowed or self_correct:
+        chosen = _correction_pool(state, top_k, wanted_k, float("inf") if self_correct else allowed)
+        if chosen is not None:
+            depth, pool, lists = chosen
             factors = hit_factors(model, task, inverse, train, pool, n_train=n_units, progress=progress)
-            state = _rescale_hits(state, factors, wanted_k, depth)
-            correction = {"pool": depth, "candidates": len(pool), "factors": factors}
+            state = _rescale_hits(state, factors, wanted_k, depth, bands=lists == "all")
+            correction = {"pool": depth, "candidates": len(pool), "lists": lists, "factors": factors}
         else:
-            correction = {"skipped": f"{len(pool)} hits would cost more than the scan's budget for it"}
+            n_read = len(_distinct(state, wanted_k, bands=False))
+            correction = {"skipped": f"{n_read} hits would cost more than the scan's budget for it"}
             state = _rescale_hits(state, {}, wanted_k)
     result = ScanResult(
         state,

@@ -22,9 +22,31 @@ def _correction_meta(correction: dict[str, Any] | None) -> dict[str, Any] | None
     return {**correction, "factors": {str(i): f for i, f in correction["factors"].items()}}
 
 
-def _rescale_hits(state: _State, factors: dict[int, float], k: int, depth: int | None = None) -> _State:
+def _distinct(state: _State, k: int, *, bands: bool = True) -> list[int]:
+    """The distinct training sequences among the first k entries of every kept list (the layer bands' too)."""
+    lists = (state.top, state.bottom, *(state.bands.values() if bands else ()))
+    return sorted({int(i) for t in lists for i in t.indices[:, :k].flatten()} - {-1})
+
+
+def _correction_pool(state: _State, top_k: int, wanted_k: int, allowed: float) -> tuple[int, list[int], str] | None:
+    """Which kept hits the leave-one-in correction can afford, as (depth, sequences, lists), or None.
+
+    In order: every list's pool of ``top_k`` candidates (re-ranking can then bring in a hit from below the cut);
+    every list's ``wanted_k`` kept hits; the top and bottom lists' kept hits only — what a user reads; the
+    layer-band lists then keep their uncorrected values — so a budget that cannot cover everything still corrects
+    the answer rather than nothing. ``allowed``: candidates the budget pays for."""
+    for depth, lists in ((top_k, "all"), (wanted_k, "all"), (wanted_k, "top and bottom")):
+        pool = _distinct(state, depth, bands=lists == "all")
+        if len(pool) <= allowed:
+            return depth, pool, lists
+    return None
+
+
+def _rescale_hits(
+    state: _State, factors: dict[int, float], k: int, depth: int | None = None, *, bands: bool = True
+) -> _State:
     """Every kept list's first ``depth`` entries with each hit's score (and its layer parts) times its factor,
-    re-ranked, cut to k."""
+    re-ranked, cut to k (``bands=False``: the layer-band lists are only cut, their values left as they were)."""
     out = _State.empty(state.count.shape[0], k, state.top.layers.shape[-1], state.top.values.dtype)
     out.count, out.total, out.positive, out.squares = state.count, state.total, state.positive, state.squares
     out.scores = state.scores
@@ -34,6 +56,10 @@ def _rescale_hits(state: _State, factors: dict[int, float], k: int, depth: int |
         *((out.bands[b], state.bands[b], True) for b in BANDS),
     ):
         d = theirs.values.shape[1] if depth is None else depth
+        if not bands and mine is not out.top and mine is not out.bottom:
+            d = min(k, theirs.values.shape[1])  # uncorrected: the kept hits as they were
+            mine.update(theirs.values[:, :d], theirs.indices[:, :d], theirs.layers[:, :d], largest)
+            continue
         rows = [[factors.get(int(i), 1.0) for i in row] for row in theirs.indices[:, :d].tolist()]
         f = torch.tensor(rows, dtype=torch.float64).to(theirs.values.dtype)
         mine.update(theirs.values[:, :d] * f, theirs.indices[:, :d], theirs.layers[:, :d] * f[..., None], largest)
