@@ -217,6 +217,42 @@ def versions() -> dict[str, str]:
     return out
 
 
+def read_documents(settings: dict[str, Any], timer: Any = None) -> Any:
+    """The training documents a run's data settings name (``run.json``'s ``data``): read, not yet tokenized."""
+    from influencer.data import load_documents
+
+    with (timer or _NoTimer()).stage("read data") as row:
+        docs = load_documents(
+            settings["source"],
+            format=settings["format"],
+            field=settings.get("field", "text"),
+            unit=settings.get("text_unit", "line"),
+            split=settings.get("split", "train"),
+            max_documents=None if settings["packing"] else settings["sequences"],
+        )
+        row.detail = f"{len(docs)} documents"
+    return docs
+
+
+def tokenize_documents(tokenizer: Any, settings: dict[str, Any], docs: Any, timer: Any = None) -> Any:
+    """The sequences (:class:`influencer.data.Sequences`) the data settings make of ``docs``."""
+    from influencer.data import make_sequences
+
+    with (timer or _NoTimer()).stage("tokenize") as row:
+        seqs = make_sequences(
+            tokenizer,
+            docs,
+            max_length=settings["max_length"],
+            packing=settings["packing"],
+            truncation=settings["truncation"],
+            add_bos=settings["bos"],
+            add_eos=settings["eos"],
+            max_sequences=settings["sequences"],
+        )
+        row.detail = f"{len(seqs)} sequences"
+    return seqs
+
+
 # --------------------------------------------------------------------------------------------------------
 # Run: a run directory as an object
 # --------------------------------------------------------------------------------------------------------
@@ -270,32 +306,10 @@ class Run:
     def training(self, tokenizer: Any, timer: Any = None) -> Any:
         """The sequences the scan scored (:class:`influencer.data.Sequences`), read and tokenized as the scan did;
         RunDirError when the data changed since (its texts would be shown against the wrong scores)."""
-        from influencer.data import load_documents, make_sequences, sequence_digest
+        from influencer.data import sequence_digest
 
-        timer = timer or _NoTimer()
         data = self.request()["data"]
-        with timer.stage("read data") as row:
-            docs = load_documents(
-                data["source"],
-                format=data["format"],
-                field=data.get("field", "text"),
-                unit=data.get("text_unit", "line"),
-                split=data.get("split", "train"),
-                max_documents=None if data["packing"] else data["sequences"],
-            )
-            row.detail = f"{len(docs)} documents"
-        with timer.stage("tokenize") as row:
-            seqs = make_sequences(
-                tokenizer,
-                docs,
-                max_length=data["max_length"],
-                packing=data["packing"],
-                truncation=data["truncation"],
-                add_bos=data["bos"],
-                add_eos=data["eos"],
-                max_sequences=data["sequences"],
-            )
-            row.detail = f"{len(seqs)} sequences"
+        seqs = tokenize_documents(tokenizer, data, read_documents(data, timer), timer)
         if sequence_digest(seqs.batch) != data.get("digest"):
             raise RunDirError(
                 f"the training data at {data['source']} changed since the scan; the report would show the wrong texts"

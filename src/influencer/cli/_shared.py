@@ -121,37 +121,15 @@ def _data_settings(
 
 def _read_documents(timer: _Timer, settings: dict[str, Any]) -> Documents:
     """The training documents (read and checked before any model is loaded: bad data fails in seconds)."""
-    from influencer.data import load_documents
+    from influencer.runs import read_documents
 
-    with timer.stage("read data") as row:
-        docs = load_documents(
-            settings["source"],
-            format=settings["format"],
-            field=settings.get("field", "text"),
-            unit=settings.get("text_unit", "line"),
-            split=settings.get("split", "train"),
-            max_documents=None if settings["packing"] else settings["sequences"],
-        )
-        row.detail = f"{len(docs)} documents"
-    return docs
+    return read_documents(settings, timer)
 
 
 def _tokenize(timer: _Timer, tokenizer: Any, settings: dict[str, Any], docs: Documents) -> Sequences:
-    from influencer.data import make_sequences
+    from influencer.runs import tokenize_documents
 
-    with timer.stage("tokenize") as row:
-        seqs = make_sequences(
-            tokenizer,
-            docs,
-            max_length=settings["max_length"],
-            packing=settings["packing"],
-            truncation=settings["truncation"],
-            add_bos=settings["bos"],
-            add_eos=settings["eos"],
-            max_sequences=settings["sequences"],
-        )
-        row.detail = f"{len(seqs)} sequences"
-    return seqs
+    return tokenize_documents(tokenizer, settings, docs, timer)
 
 
 def _read_training(timer: _Timer, tokenizer: Any, settings: dict[str, Any]) -> tuple[Documents, Sequences]:

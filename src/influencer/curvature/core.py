@@ -28,7 +28,7 @@ from influencer.curvature.linalg import (
     rotate_tokens_first,
     to_eigenbasis,
 )
-from influencer.curvature.strategies import TABLE, strategy
+from influencer.curvature.strategies import TABLE
 from influencer.curvature.strategies import strategy as strategy_record
 from influencer.io import (
     CorruptArtifactError,
@@ -156,7 +156,7 @@ class Curvature:
 
     def precondition(self, name: str, v: torch.Tensor) -> torch.Tensor:
         """(G_l + λ_l)⁻¹ V for V [..., d_out, w] of layer ``name`` (identity: V itself)."""
-        kind = strategy(self.strategy)
+        kind = strategy_record(self.strategy)
         if not kind.curved:
             return v
         inv = self.inverse_diagonal(name, v.dtype, v.device)
@@ -181,7 +181,7 @@ class Curvature:
 
     def quadratic_form(self, name: str, g: torch.Tensor) -> torch.Tensor:
         """⟨G, (G_l + λ_l)⁻¹ G⟩ for G [B, d_out, w] → [B]."""
-        kind = strategy(self.strategy)
+        kind = strategy_record(self.strategy)
         if not kind.curved:
             return g.pow(2).flatten(1).sum(1)
         inv = self.inverse_diagonal(name, g.dtype, g.device)
@@ -193,7 +193,7 @@ class Curvature:
     def quadratic_form_tokens(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """⟨Ĝ, (G_l + λ_l)⁻¹ Ĝ⟩ of the per-sequence gradients Ĝ_b = Σ_t g_{b,t} ā_{b,t}ᵀ from a [B, T, w] and
         g [B, T, d_out] → [B], rotating tokens first (Q_Sᵀ g_t, Q_Aᵀ ā_t) when that is cheaper than rotating Ĝ."""
-        if strategy(self.strategy).basis and rotate_tokens_first(a.shape[1], g.shape[-1], a.shape[-1]):
+        if strategy_record(self.strategy).basis and rotate_tokens_first(a.shape[1], g.shape[-1], a.shape[-1]):
             qs, qa = self._basis(name, a.dtype, a.device)
             rotated = per_example_grads(rotate(a, qa), rotate(g, qs))  # Q_Sᵀ Ĝ Q_A
             inv = self.inverse_diagonal(name, a.dtype, a.device)
@@ -233,7 +233,7 @@ class Curvature:
     @property
     def complete(self) -> bool:
         """False for the eigenbases-only result of the first stage of an EK-FAC fit by partitions."""
-        return not strategy(self.strategy).curved or all(f.lam is not None for f in self.layers.values())
+        return not strategy_record(self.strategy).curved or all(f.lam is not None for f in self.layers.values())
 
     # --- model binding -------------------------------------------------------------------------------
     def bind(self, model: nn.Module, *, check_weights: bool = True) -> list[Layer]:

@@ -26,10 +26,8 @@ from influencer.scan.contract import DEFAULT_DENSE_BUDGET, _choose_modes, _Layer
 from influencer.scan.result import ScanResult
 from influencer.scan.shard import (
     _candidates,
+    _correct_hits,
     _correction_meta,
-    _correction_pool,
-    _distinct,
-    _rescale_hits,
     _scan_shard,
 )
 from influencer.scan.tokens import attribute_tokens
@@ -355,23 +353,21 @@ def _scan(
     factors: dict[int, float] = {}
     correction = None
     if correct:
-        from influencer.refine_plan import pass_flops, refinement_share, scan_pass_cost
-        from influencer.self_curvature import OWN_CURVATURE_COST, hit_factors
-
-        # the correction costs ~OWN_CURVATURE_COST passes per distinct candidate: keep it within the share of the
-        # scan's cost (in passes, as the refinement's plan counts it) that the refinement may spend
-        scan_cost = scan_pass_cost(q, layers, store.rank, pass_flops(model))
-        allowed = refinement_share(len(order)) * len(order) * scan_cost / OWN_CURVATURE_COST
-        chosen = _correction_pool(state, top_k, wanted_k, float("inf") if self_correct else allowed)
-        if chosen is not None:
-            depth, pool, lists = chosen
-            factors = hit_factors(model, task, inverse, train, pool, n_train=n_units, progress=progress)
-            state = _rescale_hits(state, factors, wanted_k, depth, bands=lists == "all")
-            correction = {"pool": depth, "candidates": len(pool), "lists": lists, "factors": factors}
-        else:
-            n_read = len(_distinct(state, wanted_k, bands=False))
-            correction = {"skipped": f"{n_read} hits would cost more than the scan's budget for it"}
-            state = _rescale_hits(state, {}, wanted_k)
+        state, factors, correction = _correct_hits(
+            state,
+            model,
+            task,
+            inverse,
+            train,
+            layers,
+            store.rank,
+            len(order),
+            top_k,
+            wanted_k,
+            forced=bool(self_correct),
+            n_train=n_units,
+            progress=progress,
+        )
     result = ScanResult(
         state,
         [x.name for x in layers],

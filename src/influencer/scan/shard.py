@@ -42,6 +42,43 @@ def _correction_pool(state: _State, top_k: int, wanted_k: int, allowed: float) -
     return None
 
 
+def _correct_hits(
+    state: _State,
+    model: nn.Module,
+    task: Task,
+    inverse: Any,
+    train: Any,
+    layers: list[Layer],
+    rank: int | None,
+    n_scanned: int,
+    top_k: int,
+    wanted_k: int,
+    *,
+    forced: bool,
+    n_train: int,
+    progress: bool,
+) -> tuple[_State, dict[int, float], dict[str, Any]]:
+    """The kept hits corrected for their own curvature (leave-one-in factors), within the budget: the correction
+    costs ~OWN_CURVATURE_COST passes per distinct candidate and may spend the share of the scan's cost (in passes,
+    as the refinement's plan counts it) that the refinement may; ``forced`` corrects the whole pool.
+    Returns (the state cut to ``wanted_k``, the factors, the record for ``meta["self_correction"]``)."""
+    from influencer.refine_plan import pass_flops, refinement_share, scan_pass_cost
+    from influencer.self_curvature import OWN_CURVATURE_COST, hit_factors
+
+    q = state.count.shape[0]
+    scan_cost = scan_pass_cost(q, layers, rank, pass_flops(model))
+    allowed = refinement_share(n_scanned) * n_scanned * scan_cost / OWN_CURVATURE_COST
+    chosen = _correction_pool(state, top_k, wanted_k, float("inf") if forced else allowed)
+    if chosen is None:
+        n_read = len(_distinct(state, wanted_k, bands=False))
+        skipped = {"skipped": f"{n_read} hits would cost more than the scan's budget for it"}
+        return _rescale_hits(state, {}, wanted_k), {}, skipped
+    depth, pool, lists = chosen
+    factors = hit_factors(model, task, inverse, train, pool, n_train=n_train, progress=progress)
+    state = _rescale_hits(state, factors, wanted_k, depth, bands=lists == "all")
+    return state, factors, {"pool": depth, "candidates": len(pool), "lists": lists, "factors": factors}
+
+
 def _rescale_hits(
     state: _State, factors: dict[int, float], k: int, depth: int | None = None, *, bands: bool = True
 ) -> _State:
