@@ -631,7 +631,7 @@ def test_report_without_the_module_or_scan(ws, tmp_path, monkeypatch):
 
 
 def test_interrupted_scan_resumes(ws, tmp_path, monkeypatch):
-    import influencer.runs
+    import influencer.runs.paths
 
     run = tmp_path / "run"
     _copy(ws.run, run)
@@ -640,7 +640,7 @@ def test_interrupted_scan_resumes(ws, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(influencer.runs, "publish_scan", interrupted)
+        m.setattr(influencer.runs.paths, "publish_scan", interrupted)
         result = invoke("scan", run, "--queries", ws.queries, "--shard-size", "10", "--no-tokens")
     assert result.exit_code == 130 and "error: interrupted" in result.output
     assert (run / "scan.partial" / "scan.json").is_file() and not (run / "scan").exists()

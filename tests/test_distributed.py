@@ -306,3 +306,28 @@ def test_readme_partition_example_runs(tmp_path: Path, monkeypatch: pytest.Monke
     assert _operator_error(ns["curv"], one) < 1e-5  # float32
     ref = inf.scan(ns["model"], ns["task"], one, ns["queries"], (ns["X"], ns["Y"]), progress=False)
     assert [h.index for h in ns["result"].top(0)] == [h.index for h in ref.top(0)]
+
+
+def test_partition_state_lives_in_its_ledger(lm, tmp_path: Path) -> None:
+    """partition.json is the partition's ledger: settings (another partition into the same folder is refused naming
+    the setting), done-records (an unfinished partition is not merged; running it again finishes it) and the
+    checksum of its sums."""
+    from influencer.ledger import Ledger, ResumeConflictError
+
+    model, task, train, _, _ = lm
+    n = len(train)
+    whole = inf.fit_partition(model, task, train, tmp_path / "whole", progress=False)
+    record = Ledger.read(whole / "partition.json")
+    assert record["done"] == ["sums"] and len(record["sha256_tensors"]) == 64
+    assert record["config"]["data_range"] == [0, n]
+    with pytest.raises(ResumeConflictError) as info:
+        inf.fit_partition(model, task, train, whole, seed=5, progress=False)
+    assert info.value.setting == "seed" and (info.value.saved, info.value.asked) == (0, 5)
+    reference = inf.merge_fit([whole])
+    # the state a kill between the ledger's opening and the commit leaves: settings recorded, nothing done
+    Ledger(whole / "partition.json", "fit partition", record["config"], format=record["format"]).mark([])
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        inf.merge_fit([whole])
+    inf.fit_partition(model, task, train, whole, progress=False)  # finishes it
+    again = inf.merge_fit([whole])
+    assert all(torch.equal(again.layers[k].eig_a, reference.layers[k].eig_a) for k in reference.layers)

@@ -87,11 +87,18 @@ class Ledger:
 
     def open(self) -> list[Any]:
         if self.path.is_file():
-            saved = read_json(self.path, sealed=True)
+            saved = self.read(self.path)
             check_resume(self.path.parent, self.what, saved.get("config") or {}, self.config)
             return list(saved.get("done", []))
         self.mark([])
         return []
 
-    def mark(self, done: list[Any]) -> None:
+    def mark(self, done: list[Any], **fields: Any) -> None:
+        """Record ``done`` (and ``fields``, kept from then on) atomically: the commit point of a step."""
+        self.fields.update(fields)
         atomic_write_json(self.path, {**self.fields, "config": self.config, "done": list(done)}, seal=True)
+
+    @staticmethod
+    def read(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """A ledger file as written (checksum verified): ``{"config", "done", **fields}``."""
+        return read_json(path, sealed=True)

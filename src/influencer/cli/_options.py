@@ -5,8 +5,6 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-LAYER_PRESETS = ("mlp", "attention", "all")
-
 
 class _Choice(str, Enum):
     """A fixed set of option values (typer lists them in --help and rejects others)."""

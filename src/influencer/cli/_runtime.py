@@ -73,7 +73,10 @@ def _message(exc: BaseException) -> str:
     """A one-line description of an exception for the user."""
     from influencer.curvature import CurvatureMismatchError
     from influencer.io import RunLockedError
+    from influencer.runs.checks import RequestError
 
+    if isinstance(exc, RequestError):  # a library parameter, spelled as its option
+        return _one_line(exc.render(lambda p: "--" + p.replace("_", "-")))
     if isinstance(exc, RunLockedError):
         return _one_line(str(exc))
     if isinstance(exc, CurvatureMismatchError):

@@ -3,13 +3,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -27,26 +22,8 @@ from influencer.cli._options import (
     _value,
 )
 from influencer.cli._progress import _console, _live, _size, _Timer, _timing_table, _timings_title
-from influencer.cli._runtime import UserError, _agree, _command, _process_group
-from influencer.cli._shared import (
-    _budget_option,
-    _check_layers,
-    _check_layers_early,
-    _check_number,
-    _check_positions,
-    _data_record,
-    _data_settings,
-    _guard_memory,
-    _load_model,
-    _model_source,
-    _read_documents,
-    _resolve_device,
-    _say,
-    _tokenize,
-)
-
-if TYPE_CHECKING:
-    from influencer.data import Documents, Sequences
+from influencer.cli._runtime import _command, _process_group
+from influencer.cli._shared import _budget_option, _check_number, _hooks, _quiet_transformers, _say
 
 
 @app.command()
@@ -186,151 +163,56 @@ def fit(
     The run directory holds the curvature (curvature/) and run.json: model and data sources, settings, sizes,
     versions and stage timings. Example: influencer fit smollm2-135m kjv -n 256 --out runs/kjv
     """
-    fmt, text_unit, truncation = _value(fmt), _value(text_unit), _value(truncation)
-    strategy, fisher, dtype = _value(strategy), _value(fisher), _value(dtype)
-    import influencer as inf
-    from influencer.models import describe_model
-    from influencer.runs import (
-        CURVATURE,
-        FORMAT,
-        RUN_FILE,
-        VERSION,
-        check_fit_target,
-        discard_partial,
-        fit_partial,
-        locked_run,
-        versions,
-        write_fit,
-    )
+    from influencer.runs import data_settings
+    from influencer.runs.fitting import fit_run
 
     console = _console()
     timer = _Timer()
-    with _process_group(device), _live(timer), contextlib.ExitStack() as held:
+    _check_number("--damping", damping, at_least=0)
+    _check_number("--damping-factor", damping_factor, above=0)
+    _budget_option(memory_budget)
+    _quiet_transformers()
+    settings = data_settings(
+        data,
+        format=_value(fmt),
+        field=field_name,
+        text_unit=_value(text_unit),
+        split=split,
+        sequences=sequences,
+        max_length=max_length,
+        packing=packing,
+        truncation=_value(truncation),
+        bos=bos,
+        eos=eos,
+    )
+    with _process_group(device), _live(timer):
         import influencer.distributed as dist
 
-        def check() -> tuple[Path, str, str, dict[str, Any], int | None, Documents]:
-            # rank 0 decides about the run directory (it alone writes it); the option checks run everywhere
-            _check_number("--damping", damping, at_least=0)
-            _check_number("--damping-factor", damping_factor, above=0)
-            budget = _budget_option(memory_budget)
-            target = check_fit_target(out, overwrite=overwrite) if dist.is_main() else Path(out).expanduser()
-            settings = _data_settings(
-                data, fmt, field_name, text_unit, split, sequences, max_length, packing, truncation, bos, eos
-            )
-            source = _model_source(model)
-            _check_layers_early(source, layers)  # before the weights are read
-            docs = _read_documents(timer, settings)  # bad data fails before the model loads
-            return target, _resolve_device(device), source, settings, budget, docs
-
-        target, device, model_source, settings, budget, docs = _agree(check)
-        held.enter_context(locked_run(target, "fit"))  # until the run directory is written
-        if dist.is_main():  # another fit may have finished between the check and the lock
-            check_fit_target(out, overwrite=overwrite)
-        partial = fit_partial(target)  # the resumable fit: checkpoints and finished stages until the run is written
-        if overwrite and dist.is_main():
-            discard_partial(partial)
-        elif partial.exists():
-            _say(console, f"resuming the unfinished fit in {partial}")
-
-        def load() -> tuple[Any, Any, Sequences, list[Any]]:
-            net, tok = _load_model(timer, model_source, dtype, device)
-            seqs = _tokenize(timer, tok, settings, docs)
-            _say(console, f"data: {seqs.report.summary()}")
-            _check_positions(net, seqs.batch, "training sequences", "--max-length")
-            return net, tok, seqs, _check_layers(net, layers)
-
-        net, tok, seqs, tracked = _agree(load)
-        task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
-        _guard_memory(
-            timer,
-            budget,
-            device,
-            "fit",
-            net,
-            task,
-            seqs.batch,
-            [x.name for x in tracked],
-            strategy=strategy,
+        target = fit_run(
+            model,
+            settings,
+            out,
+            overwrite=overwrite,
+            layers=layers,
+            strategy=_value(strategy),
+            fisher=_value(fisher),
+            damping=damping,
+            damping_factor=damping_factor,
             blocks=blocks,
+            n_train=n_train,
+            seed=seed,
             batch_size=batch_size,
-            fisher=fisher,
+            checkpoint_every=checkpoint_every,
+            device=device,
+            dtype=_value(dtype),
+            memory_budget=memory_budget,
+            hooks=_hooks(console, timer),
         )
-        with timer.stage("fit", f"{strategy}, {len(tracked)} layers"), _resumable(partial):
-            curv = inf.fit_curvature(
-                net,
-                task,
-                seqs.batch,
-                strategy=strategy,
-                fisher=fisher,
-                damping=damping,
-                damping_factor=damping_factor,
-                layers=[x.name for x in tracked],
-                blocks=blocks,
-                batch_size=batch_size,
-                n_train=n_train,
-                seed=seed,
-                out_dir=partial,
-                checkpoint_every=checkpoint_every,
-                progress=True,
-            )
-        record = {
-            "format": FORMAT,
-            "version": VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "model": {
-                "source": model_source,
-                "description": describe_model(model_source),
-                "class": type(net).__name__,
-                "dtype": dtype,
-                "device": device,
-                "parameters": sum(p.numel() for p in net.parameters()),
-            },
-            "data": _data_record(settings, docs, seqs),
-            "fit": {
-                "strategy": strategy,
-                "fisher": fisher,
-                "layers": layers,
-                "tracked_layers": curv.layer_names,
-                "damping": damping,
-                "damping_factor": damping_factor,
-                "blocks": blocks,
-                "seed": seed,
-                "batch_size": batch_size,
-                "n_fit": curv.n_fit,
-                "n_train": curv.n_train,
-                "factor_bytes": curv.nbytes(),
-                "processes": dist.world_size(),
-            },
-            "versions": versions(),
-        }
-        record["timings"] = timer.as_dict()
-        with timer.stage("save"):
-
-            def write(tmp: Path) -> None:
-                curv.save(tmp / CURVATURE)
-                (tmp / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-            dist.run_collectively(lambda: write_fit(target, write))  # rank 0 writes; a failure fails every rank
-            if dist.is_main():
-                shutil.rmtree(partial, ignore_errors=True)
         processes = dist.world_size()
+    fitted = json.loads((target / "run.json").read_text(encoding="utf-8"))["fit"]
     _say(
         console,
-        f"fitted {strategy} on {len(curv.layers)} layers × {curv.n_fit} sequences "
-        f"(factors {_size(curv.nbytes())}) → {target}",
+        f"fitted {fitted['strategy']} on {len(fitted['tracked_layers'])} layers × {fitted['n_fit']} sequences "
+        f"(factors {_size(fitted['factor_bytes'])}) → {target}",
     )
     _timing_table(console, timer, _timings_title("fit", processes))
-
-
-@contextlib.contextmanager
-def _resumable(partial: Path) -> Iterator[None]:
-    """An unfinished fit with other settings is refused naming the setting (--overwrite discards it)."""
-    from influencer.ledger import ResumeConflictError
-
-    try:
-        yield
-    except ResumeConflictError as exc:
-        raise UserError(
-            f"{partial} holds an unfinished fit made with {exc.setting}={exc.saved!r:.60}, this one asks "
-            f"{exc.setting}={exc.asked!r:.60}: run the same fit to finish it, or pass --overwrite to discard it"
-        ) from None

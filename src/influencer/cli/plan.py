@@ -9,15 +9,8 @@ from influencer.cli._app import app
 from influencer.cli._options import _CURV, DtypeChoice, FisherChoice, StrategyChoice, _value
 from influencer.cli._progress import _console, _live, _Timer
 from influencer.cli._runtime import _command
-from influencer.cli._shared import (
-    _budget_option,
-    _check_layers,
-    _check_layers_early,
-    _load_model,
-    _model_source,
-    _resolve_device,
-    _say,
-)
+from influencer.cli._shared import _budget_option, _load_model, _say
+from influencer.runs.checks import check_layers_early, model_source, resolve_device, select_layers_checked
 
 
 @app.command()
@@ -51,16 +44,16 @@ def plan(
 
     strategy_name, fisher_name = _value(strategy), _value(fisher)
     budget = _budget_option(memory_budget)
-    source = _model_source(model)
-    _check_layers_early(source, layers)
-    resolved = _resolve_device(device)
+    source = model_source(model)
+    check_layers_early(source, layers)
+    resolved = resolve_device(device)
     console = _console()
     timer = _Timer()
     with _live(timer):
         import influencer as inf
 
         net, tok = _load_model(timer, source, _value(dtype), resolved)
-        tracked = _check_layers(net, layers)
+        tracked = select_layers_checked(net, layers)
         task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
         limit = memory_limit(budget, resolved)
         with timer.stage("plan"):

@@ -10,7 +10,8 @@ import typer
 from influencer.cli._app import app
 from influencer.cli._progress import _console, _live, _Timer, _timing_table, _timings_title
 from influencer.cli._runtime import UserError, _command
-from influencer.cli._shared import _load_model, _read_training, _resolve_device, _say
+from influencer.cli._shared import _load_model, _say
+from influencer.runs.checks import resolve_device
 
 
 @app.command()
@@ -42,38 +43,32 @@ def probe(
     Example: influencer probe runs/facts -p "The capital of Zorvania is" -c " Quellmoor"
     """
     import influencer as inf
-    from influencer.cli.scan import _refine_option, _scan_data_settings
-    from influencer.data import sequence_digest
     from influencer.io import atomic_write_json
     from influencer.probe import word_order_probe
     from influencer.refine_plan import default_inverse
-    from influencer.runs import CURVATURE, read_run
+    from influencer.runs import CURVATURE, locked_run, read_run
+    from influencer.runs.data import fit_sequences
+    from influencer.runs.scanning import refine_steps
     from influencer.units import units_note
 
     if not completion.strip():
         raise UserError("--completion is empty; a query measures log p(completion | prompt), so give one")
-    steps = _refine_option(refine)
+    steps = refine_steps(refine)
     if out is not None and out.is_dir():
         raise UserError(f"{out} is a directory; give a file name with --out")
     console = _console()
     timer = _Timer()
     record = read_run(run)
-    with _live(timer):
+    with _live(timer), locked_run(run, "probe"):  # a fit --overwrite cannot replace the run underneath
         net, tok = _load_model(
-            timer, record["model"]["source"], record["model"].get("dtype", "float32"), _resolve_device(device)
+            timer, record["model"]["source"], record["model"].get("dtype", "float32"), resolve_device(device)
         )
         with timer.stage("load curvature"):
             curv = inf.Curvature.load(run / CURVATURE, net)
         task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
         inverse = curv
         if steps != 0:
-            settings = _scan_data_settings(record["data"], None)
-            _, seqs = _read_training(timer, tok, settings)
-            if record["data"].get("digest") not in (None, sequence_digest(seqs.batch)):
-                raise UserError(
-                    f"the fit's training data at {settings['source']} changed since the fit (other tokens), so "
-                    "the refinement has no data the curvature describes; pass --refine 0"
-                )
+            seqs = fit_sequences(record["data"], tok, timer)
             # the probe refines as a scan of the fit's sequences would (its own few sequences are no yardstick)
             inverse, _plan = default_inverse(
                 net, task, curv, seqs.batch, refine=steps, n_queries=1, n_scan=len(seqs), rank=None, progress=True

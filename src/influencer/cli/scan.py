@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,21 +21,8 @@ from influencer.cli._options import (
     _value,
 )
 from influencer.cli._progress import _console, _live, _Timer, _timing_table, _timings_title
-from influencer.cli._runtime import UserError, _agree, _command, _main_rank, _process_group
-from influencer.cli._shared import (
-    _budget_option,
-    _check_positions,
-    _data_settings,
-    _guard_memory,
-    _load_model,
-    _model_source,
-    _read_documents,
-    _read_training,
-    _resolve_device,
-    _say,
-    _tokenize,
-)
-from influencer.ledger import ResumeConflictError
+from influencer.cli._runtime import UserError, _command, _main_rank, _process_group
+from influencer.cli._shared import _budget_option, _hooks, _quiet_transformers, _say
 from influencer.pieces import token_pieces
 
 if TYPE_CHECKING:
@@ -45,7 +30,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.text import Text
 
-    from influencer.data import Documents, Sequences
+    from influencer.data import Sequences
 
 
 def _queries_from_options(
@@ -70,109 +55,6 @@ def _queries_from_options(
             raise DataError(f"--completion {i} is empty; a query measures log p(completion | prompt), so give one")
         out.append({"prompt": p, "completion": c, "source": f"--prompt {i}"})
     return out
-
-
-def _scan_data_settings(recorded: dict[str, Any], data: str | None, **given: Any) -> dict[str, Any]:
-    """The recorded data settings of the fit, overridden by the options given (None = as recorded)."""
-    if data is None:
-        settings = {
-            k: recorded[k]
-            for k in (
-                "source",
-                "format",
-                "field",
-                "text_unit",
-                "split",
-                "sequences",
-                "max_length",
-                "packing",
-                "truncation",
-                "bos",
-                "eos",
-            )
-            if k in recorded
-        }
-        if given.get("sequences") is not None:
-            settings["sequences"] = given["sequences"]
-        if any(given.get(k) is not None for k in given if k != "sequences"):
-            raise UserError(
-                "data options other than --sequences need --data (without it the fit's data is "
-                "scanned exactly as it was fitted)"
-            )
-        return settings
-
-    def pick(key: str, default: Any) -> Any:
-        value = given.get(key)
-        return value if value is not None else recorded.get(key, default)
-
-    # another data set: its format is detected afresh; tokenization settings default to the fit's
-    return _data_settings(
-        data,
-        given.get("format") or "auto",
-        pick("field", "text"),
-        pick("text_unit", "line"),
-        pick("split", "train"),
-        given.get("sequences"),
-        pick("max_length", 512),
-        pick("packing", False),
-        pick("truncation", "right"),
-        pick("bos", False),
-        pick("eos", None),
-    )
-
-
-def _refine_option(text: str) -> int | str:
-    """``--refine``: "auto" or a number of CG steps ≥ 0."""
-    value = text.strip().lower()
-    if value == "auto":
-        return "auto"
-    try:
-        steps = int(value)
-    except ValueError:
-        steps = -1
-    if steps < 0:
-        raise UserError(f"--refine takes 'auto' or a number of CG steps ≥ 0, got {text!r}")
-    return steps
-
-
-def _refine_batch(
-    timer: _Timer,
-    tok: Any,
-    record: dict[str, Any],
-    settings: dict[str, Any],
-    seqs: Sequences,
-    data: str | None,
-    refine: int | str,
-    sample: int | None,
-) -> dict[str, Any] | None:
-    """The fit's sequences (the data the curvature describes), which the refinement samples from."""
-    if refine == 0:
-        if sample is not None:
-            raise UserError("--refine-sequences sets the refinement sample; it needs --refine auto or N ≥ 1")
-        return None
-    from influencer.data import sequence_digest
-
-    if data is None and settings.get("sequences") == record["data"].get("sequences"):
-        return seqs.batch  # the scanned data is the fit's data
-    with timer.stage("refinement data", "the fit's sequences"):
-        _, fit = _read_training(timer, tok, _scan_data_settings(record["data"], None))
-    if record["data"].get("digest") not in (None, sequence_digest(fit.batch)):
-        raise UserError(
-            f"the fit's training data at {record['data'].get('source')} changed since the fit (other "
-            "tokens), so the refinement has no data the curvature describes; pass --refine 0"
-        )
-    return fit.batch
-
-
-def _describe_plan(plan: Any) -> str:
-    from influencer.units import cg_steps
-
-    if plan.steps == 0:
-        return f"none ({plan.reason}); the curvature's own answer"
-    return (
-        f"{cg_steps(plan.steps)} over {plan.sample} of the fit's sequences ({plan.reason}; predicted "
-        f"{100 * plan.predicted:.0f}% of the scan's cost, allowed {100 * plan.share:.0f}%)"
-    )
 
 
 def _short_layer(name: str, names: Sequence[str]) -> str:
@@ -406,245 +288,71 @@ def scan(
     same command runs again. Example: influencer scan runs/kjv -p "In the beginning God created"
     -c " the heaven and the earth."
     """
-    fmt, text_unit, truncation = _value(fmt), _value(text_unit), _value(truncation)
-    query_truncation, dtype = _value(query_truncation), _value(dtype)
-    refine_steps = _refine_option(refine)
-    corrections = {"auto": None, "on": True, "off": False}
-    if self_correct.strip().lower() not in corrections:
-        raise UserError(f"--self-correct takes auto, on or off, got {self_correct!r}")
-    correct = corrections[self_correct.strip().lower()]
-    budget = _budget_option(memory_budget)
-    import influencer as inf
-    from influencer.data import encode_queries, sequence_digest
-    from influencer.io import atomic_write_json
-    from influencer.runs import (
-        CURVATURE,
-        SCAN,
-        SCAN_PARTIAL,
-        SCAN_REQUEST,
-        check_scan_target,
-        locked_run,
-        publish_scan,
-        read_run,
-        versions,
-    )
+    from influencer.runs.scanning import refine_steps, scan_run, self_correction
 
+    refine_steps(refine)  # option checks before anything is read
+    self_correction(self_correct)
+    _budget_option(memory_budget)
+    query_list = _queries_from_options(queries, prompt, completion)
+    given = {
+        "format": _value(fmt),
+        "field": field_name,
+        "text_unit": _value(text_unit),
+        "split": split,
+        "sequences": sequences,
+        "max_length": max_length,
+        "packing": packing,
+        "truncation": _value(truncation),
+        "bos": bos,
+        "eos": eos,
+    }
     console = _console()
     timer = _Timer()
-    with _process_group(device), _live(timer), contextlib.ExitStack() as held:
+    _quiet_transformers()
+    with _process_group(device), _live(timer):
         import influencer.distributed as dist
 
-        def check() -> tuple[dict[str, Any], list[dict[str, str]], str, str, dict[str, Any], Documents]:
-            record = read_run(run)
-            query_list = _queries_from_options(queries, prompt, completion)
-            resolved = _resolve_device(device)
-            model_source = _model_source(model) if model is not None else record["model"]["source"]
-            settings = _scan_data_settings(
-                record["data"],
-                data,
-                format=fmt,
-                field=field_name,
-                text_unit=text_unit,
-                split=split,
-                sequences=sequences,
-                max_length=max_length,
-                packing=packing,
-                truncation=truncation,
-                bos=bos,
-                eos=eos,
-            )
-            if dist.is_main() and (run / SCAN).exists() and not overwrite:  # rank 0 decides about the run
-                raise UserError(f"{run / SCAN} already holds a scan; pass --overwrite to replace it")
-            docs = _read_documents(timer, settings)  # bad data fails before the model loads
-            return record, query_list, resolved, model_source, settings, docs
-
-        record, query_list, device, model_source, settings, docs = _agree(check)
-        held.enter_context(locked_run(run, "scan"))  # until the scan is published: one writer per run
-        if dist.is_main() and (run / SCAN).exists() and not overwrite:  # a scan finished before the lock was had
-            raise UserError(f"{run / SCAN} already holds a scan; pass --overwrite to replace it")
-        batch_size = batch_size or record["fit"].get("batch_size", 8)
-
-        def load() -> tuple[Any, Any, Any, Documents, Sequences, str, dict[str, Any], Any, Any]:
-            net, tok = _load_model(timer, model_source, dtype or record["model"].get("dtype", "float32"), device)
-            with timer.stage("load curvature"):
-                curv = inf.Curvature.load(run / CURVATURE, net)
-            seqs = _tokenize(timer, tok, settings, docs)
-            digest = sequence_digest(seqs.batch)
-            if (
-                data is None
-                and settings.get("sequences") == record["data"].get("sequences")
-                and digest != record["data"].get("digest")
-            ):
-                raise UserError(
-                    f"the training data at {settings['source']} changed since the fit (other tokens); "
-                    "pass --data to scan it anyway"
-                )
-            _say(console, f"data: {seqs.report.summary()}")
-            qbatch, qreport = encode_queries(
-                tok,
-                query_list,
-                max_length=query_max_length,
-                truncation=query_truncation,
-                chat_template=chat_template,
-                system=system,
-            )
-            _say(console, f"queries: {qreport.summary()}")
-            _check_positions(net, seqs.batch, "training sequences", "--max-length")
-            _check_positions(net, qbatch, "queries", "--query-max-length")
-            candidates = None
-            refine_batch = _refine_batch(timer, tok, record, settings, seqs, data, refine_steps, refine_sequences)
-            if prefilter is not None and dist.is_main():  # rank 0 ranks the candidates, every rank scans them
-                from influencer.prefilter import BM25Index, completion_mask
-
-                with timer.stage("prefilter", f"BM25 top {prefilter}"):
-                    index = BM25Index(
-                        seqs.batch["input_ids"],
-                        attention_mask=seqs.batch["attention_mask"],
-                        vocab_size=max(len(tok), int(seqs.batch["input_ids"].max()) + 1),
-                        ignore_ids=tok.all_special_ids,
-                    )
-                    _, candidates = index.candidates(
-                        qbatch, n=prefilter, query_mask=completion_mask(qbatch), per_query=True
-                    )
-            return net, tok, curv, docs, seqs, digest, qbatch, qreport, candidates, refine_batch
-
-        net, tok, curv, docs, seqs, digest, qbatch, qreport, candidates, refine_batch = _agree(load)
-        if prefilter is not None and dist.world_size() > 1:
-            candidates = dist.broadcast_tensors(None if candidates is None else {"c": candidates})["c"]
-        task = inf.CausalLM(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
-        _guard_memory(
-            timer,
-            budget,
-            device,
-            "scan",
-            net,
-            task,
-            seqs.batch,
-            curv.layer_names,
-            strategy=curv.strategy,
-            blocks=curv.blocks,
-            rank=rank or None,
-            n_queries=len(query_list),
-            batch_size=batch_size,
+        done = scan_run(
+            run,
+            query_list,
+            chat_template=chat_template,
+            system=system,
+            query_max_length=query_max_length,
+            query_truncation=_value(query_truncation),
+            rank=rank,
             top_k=top_k,
+            prefilter=prefilter,
+            tokens=tokens,
+            keep_scores=keep_scores,
+            refine=refine,
+            refine_sequences=refine_sequences,
+            self_correct=self_correct,
+            split_completion=show if split_completion else 0,
+            shard_size=shard_size,
+            n_train=n_train,
+            data=data,
+            data_options=given,
+            model=model,
+            batch_size=batch_size,
+            device=device,
+            dtype=_value(dtype),
+            overwrite=overwrite,
+            memory_budget=memory_budget,
+            hooks=_hooks(console, timer),
         )
-
-        def target() -> tuple[str, bool]:
-            partial = check_scan_target(run, overwrite=overwrite)
-            return str(partial), (partial / "scan.json").is_file()
-
-        # rank 0 checks (and with --overwrite clears) the target; the others wait, then follow its decision
-        where, resumed = dist.broadcast_object(dist.run_collectively(target))
-        partial = Path(where)
-        if resumed:
-            _say(console, f"resuming the unfinished scan in {partial}")
-        inverse, plan = curv, None
-        if refine_batch is not None:
-            import torch
-
-            from influencer.refine_plan import default_inverse
-
-            n_scan = len(seqs) if candidates is None else int(torch.unique(torch.cat(list(candidates))).numel())
-            inverse, plan = default_inverse(
-                net,
-                task,
-                curv,
-                refine_batch,
-                refine=refine_steps,
-                n_queries=len(query_list),
-                n_scan=n_scan,
-                rank=rank or None,
-                sample=refine_sequences,
-                progress=True,
-            )
-            if plan is not None:
-                _say(console, f"refinement: {_describe_plan(plan)}")
-        with timer.stage("influence", f"{len(query_list)} queries × {len(seqs)} sequences"):
-            try:
-                result = inf.scan(
-                    net,
-                    task,
-                    inverse,
-                    qbatch,
-                    seqs.batch,
-                    rank=rank or None,
-                    top_k=top_k,
-                    batch_size=batch_size,
-                    candidates=candidates,
-                    keep_scores=keep_scores,
-                    tokens=tokens,
-                    out_dir=partial,
-                    shard_size=shard_size,
-                    n_train=n_train,
-                    refine=0,  # decided above, over the fit's sequences
-                    self_correct=correct,
-                    progress=True,
-                )
-            except ResumeConflictError as exc:
-                raise UserError(
-                    f"{run / SCAN_PARTIAL} holds an unfinished scan made with {exc.setting}={exc.saved!r:.60}, "
-                    f"this one asks {exc.setting}={exc.asked!r:.60}: pass --overwrite to discard it"
-                ) from None
-        if split_completion and show > 0:
-            from influencer.completion import completion_split
-
-            hits = {q: [h.index for h in result.top(q, show)] for q in range(result.n_queries)}
-            hits = {q: v for q, v in hits.items() if v}
-            with timer.stage("completion split", f"{sum(map(len, hits.values()))} hits"):
-                splits = completion_split(net, task, inverse, qbatch, seqs.batch, hits, batch_size=batch_size)
-            for sp in splits:
-                sp.texts = token_pieces(tok, sp.tokens)
-            result.meta["completion_split"] = {str(sp.query): sp.to_json() for sp in splits}
-            dist.run_collectively(lambda: result.save(partial))
-        request = {
-            "format": "influencer.scan-request",
-            "version": 1,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "queries": query_list,
-            "query_report": qreport.as_dict(),
-            "chat_template": chat_template,
-            "system": system,
-            "model": model_source,
-            "data": {**settings, "documents_skipped": docs.skipped, "report": seqs.report.as_dict(), "digest": digest},
-            "settings": {
-                "rank": rank or None,
-                "top_k": top_k,
-                "prefilter": prefilter,
-                "tokens": tokens,
-                "keep_scores": keep_scores,
-                "batch_size": batch_size,
-                "shard_size": shard_size,
-                "refine": refine_steps,
-                "refine_sequences": refine_sequences,
-                "refine_plan": None if plan is None else plan.to_dict(),
-                "split_completion": split_completion,
-                "self_correct": self_correct,
-                "inverse": inverse.describe(),
-                "n_train": result.n_train,
-                "device": device,
-                "resumed": resumed,
-                "processes": dist.world_size(),
-            },
-            "versions": versions(),
-            "timings": timer.as_dict(),
-        }
-
-        def publish() -> None:
-            atomic_write_json(partial / SCAN_REQUEST, request)
-            publish_scan(run)
-
-        dist.run_collectively(publish)  # rank 0 writes; a failure fails every rank
         processes = dist.world_size()
-    result.directory = run / SCAN
     from influencer.units import calibrated, correction_note, units_note
 
-    nats = calibrated(inverse.describe(), result.meta.get("self_correction"))
+    result, inverse = done.result, done.request["settings"]["inverse"]
+    nats = calibrated(inverse, result.meta.get("self_correction"))
     if _main_rank():
-        _print_hits(console, tok, result, query_list, seqs, show=show, per_layer=per_layer, nats=nats)
-    _say(console, units_note(inverse.describe(), result.n_train, result.meta.get("self_correction")))
+        _print_hits(
+            console, done.tokenizer, result, query_list, done.sequences, show=show, per_layer=per_layer, nats=nats
+        )
+    _say(console, units_note(inverse, result.n_train, result.meta.get("self_correction")))
     if (note := correction_note(result.meta)) is not None:
         _say(console, note)
-    _say(console, f"wrote {run / SCAN}")
+    _say(console, f"wrote {result.directory}")
     _timing_table(console, timer, _timings_title("scan", processes))
 
 

@@ -117,7 +117,9 @@ def experiment(
     lissa: dict[str, Any] = {"batch_size": lissa_batch, "repeats": lissa_repeats}
     if lissa_depth is not None:
         lissa["depth"] = lissa_depth
-    with use_bars(LogBars(say)):
+    from influencer.runs import locked_run
+
+    with locked_run(folder, "validate"), use_bars(LogBars(say)):  # one writer per results folder
         result = run_experiment(
             setup_obj,
             measurements=measurements,
@@ -135,7 +137,7 @@ def experiment(
             log=say,
             progress=True,
         )
-    _finish(ctx, result, folder, f"{_value(setup)}.png", say)
+        _finish(ctx, result, folder, f"{_value(setup)}.png", say)
 
 
 @validate_app.command()
@@ -174,7 +176,9 @@ def lds(
             raise UserError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     say, setup_obj, tag = _prepare(setup, size, overrides, seed, threads, cache)
     folder = out or _out_root(ctx) / f"lds-{tag}"
-    with use_bars(LogBars(say)):
+    from influencer.runs import locked_run
+
+    with locked_run(folder, "validate"), use_bars(LogBars(say)):  # one writer per results folder
         result = run_lds(
             setup_obj,
             subsets=subsets,
@@ -190,7 +194,7 @@ def lds(
             log=say,
             progress=True,
         )
-    _finish(ctx, result, folder, f"lds-{_value(setup)}.png", say)
+        _finish(ctx, result, folder, f"lds-{_value(setup)}.png", say)
 
 
 def _prepare(

@@ -30,13 +30,14 @@ from influencer.curvature.linalg import (
 )
 from influencer.curvature.strategies import strategy as strategy_record
 from influencer.curvature.sums import _finish_stage, _Fit, _Shape, _Sums, agree_owners
-from influencer.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json, tensors_metadata
+from influencer.io import atomic_save_tensors, load_tensors, tensors_metadata
 from influencer.layers import LayerSpec, candidate_layers, select_layers
-from influencer.ledger import check_resume
+from influencer.ledger import Ledger
 from influencer.passes import eval_mode
 from influencer.tasks import Task
 
 _PARTITION = "partition.json"
+_SUMS_DONE = "sums"
 _SUMS = "sums.safetensors"
 
 
@@ -122,7 +123,7 @@ def fit_partition(
     samples = {x.name: weight_sample(x) for x in tracked}
     config = {
         "format": "influencer.fit_partition",
-        "version": 1,
+        "version": 2,
         "stage": stage,
         "strategy": strategy,
         "fisher": fisher,
@@ -146,16 +147,11 @@ def fit_partition(
         },
     }
     out = Path(out_dir)
+    ledger = Ledger(out / _PARTITION, "fit partition", config, format="influencer.fit_partition", version=2)
     with dist.locked(out, purpose="fit_partition"):
-
-        def check() -> bool:
-            if not (out / _PARTITION).is_file():
-                return False
-            saved = read_json(out / _PARTITION, sealed=True)
-            check_resume(out, "fit partition", {k: saved.get(k) for k in config}, config)
-            return True
-
-        if dist.broadcast_object(dist.run_collectively(check)):
+        # the ledger: this partition's settings (another partition here is refused naming the setting) and, once
+        # its sums are saved, done = ["sums"] with their checksum (the commit point)
+        if dist.broadcast_object(dist.run_collectively(lambda: _SUMS_DONE in ledger.open())):
             return out
         ckpt = _Checkpoint(out / "partial", stage, config, checkpoint_every)
         with eval_mode(model):
@@ -166,9 +162,7 @@ def fit_partition(
             tensors.update({f"weights/{name}": s for name, s in samples.items()})
             token = uuid.uuid4().hex
             digest = atomic_save_tensors(out / _SUMS, tensors, metadata={"save_token": token})
-            atomic_write_json(
-                out / _PARTITION, {**config, "sums": meta, "save_token": token, "sha256_tensors": digest}, seal=True
-            )
+            ledger.mark([_SUMS_DONE], sums=meta, save_token=token, sha256_tensors=digest)
 
         dist.run_collectively(commit)
         ckpt.clear()
@@ -194,9 +188,15 @@ def _load_partition(path: Path) -> _Partition:
             f"no finished partition at '{path}' (expected {_PARTITION} and {_SUMS}); run "
             "fit_partition for it (again) to finish it"
         )
-    meta = read_json(path / _PARTITION, sealed=True)
-    if meta.get("format") != "influencer.fit_partition":
+    record = Ledger.read(path / _PARTITION)
+    if record.get("format") != "influencer.fit_partition":
         raise ValueError(f"'{path / _PARTITION}' is not an influencer fit partition")
+    if "config" not in record:  # version 1: settings and sums in one record, written once finished
+        meta = record
+    elif _SUMS_DONE not in record.get("done", []):
+        raise FileNotFoundError(f"the partition at '{path}' is unfinished; run fit_partition for it again to finish it")
+    else:
+        meta = {**record["config"], **{k: v for k, v in record.items() if k not in ("config", "done")}}
     if tensors_metadata(path / _SUMS).get("save_token") != meta.get("save_token"):
         raise ValueError(f"'{path}' holds sums and a manifest from different saves; run fit_partition again")
     return _Partition(path, meta, load_tensors(path / _SUMS, expect=meta.get("sha256_tensors"), required=True))

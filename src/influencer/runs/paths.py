@@ -1,4 +1,4 @@
-"""Run directories: what ``influencer fit`` writes and ``scan`` / ``report`` read.
+"""The layout of a run directory, its lock, and the checked moves that create and replace its parts.
 
 ::
 
@@ -21,29 +21,11 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from influencer.io import TMP_MARK, RunLock, atomic_write_dir, read_json
-
-__all__ = [
-    "CURVATURE",
-    "REPORT",
-    "RUN_FILE",
-    "SCAN",
-    "SCAN_PARTIAL",
-    "SCAN_REQUEST",
-    "Run",
-    "RunDirError",
-    "check_fit_target",
-    "check_scan_target",
-    "publish_scan",
-    "read_run",
-    "read_scan_request",
-    "versions",
-    "write_fit",
-]
 
 RUN_FILE = "run.json"
 CURVATURE = "curvature"
@@ -215,150 +197,3 @@ def versions() -> dict[str, str]:
 
         out["influencer"] = __version__
     return out
-
-
-def read_documents(settings: dict[str, Any], timer: Any = None) -> Any:
-    """The training documents a run's data settings name (``run.json``'s ``data``): read, not yet tokenized."""
-    from influencer.data import load_documents
-
-    with (timer or _NoTimer()).stage("read data") as row:
-        docs = load_documents(
-            settings["source"],
-            format=settings["format"],
-            field=settings.get("field", "text"),
-            unit=settings.get("text_unit", "line"),
-            split=settings.get("split", "train"),
-            max_documents=None if settings["packing"] else settings["sequences"],
-        )
-        row.detail = f"{len(docs)} documents"
-    return docs
-
-
-def tokenize_documents(tokenizer: Any, settings: dict[str, Any], docs: Any, timer: Any = None) -> Any:
-    """The sequences (:class:`influencer.data.Sequences`) the data settings make of ``docs``."""
-    from influencer.data import make_sequences
-
-    with (timer or _NoTimer()).stage("tokenize") as row:
-        seqs = make_sequences(
-            tokenizer,
-            docs,
-            max_length=settings["max_length"],
-            packing=settings["packing"],
-            truncation=settings["truncation"],
-            add_bos=settings["bos"],
-            add_eos=settings["eos"],
-            max_sequences=settings["sequences"],
-        )
-        row.detail = f"{len(seqs)} sequences"
-    return seqs
-
-
-# --------------------------------------------------------------------------------------------------------
-# Run: a run directory as an object
-# --------------------------------------------------------------------------------------------------------
-
-
-class _Stage:
-    detail = ""
-
-
-class _NoTimer:
-    """Stage timing that records nothing (the command line passes its own, which prints a table)."""
-
-    @contextlib.contextmanager
-    def stage(self, name: str, detail: str = "") -> Iterator[_Stage]:
-        yield _Stage()
-
-
-class Run:
-    """A run directory written by ``influencer fit`` (``run.json``, ``curvature/``, ``scan/``, ``report.html``).
-
-    ``Run.open(path)`` checks it is one; then ``record`` (run.json), ``curvature(model)``, ``result()`` (the
-    finished scan), ``request()`` (its request.json: queries, settings, timings), ``training(tokenizer)`` (the
-    scanned sequences, checked unchanged) and ``report()`` (the HTML page) read it. ``timer``: any object with a
-    ``stage(name, detail)`` context manager (the command line's prints stage timings).
-    """
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path).expanduser()
-        self.record = read_run(self.path)
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Run:
-        return cls(path)
-
-    def curvature(self, model: Any = None) -> Any:
-        """The fitted curvature (checked against ``model`` when given)."""
-        from influencer.curvature import Curvature
-
-        return Curvature.load(self.path / CURVATURE, model)
-
-    def request(self) -> dict[str, Any]:
-        return read_scan_request(self.path)
-
-    def result(self) -> Any:
-        """The finished scan (:class:`influencer.ScanResult`); RunDirError when there is none."""
-        from influencer.scan import ScanResult
-
-        self.request()  # the clear error when the run has no finished scan
-        return ScanResult.load(self.path / SCAN)
-
-    def training(self, tokenizer: Any, timer: Any = None) -> Any:
-        """The sequences the scan scored (:class:`influencer.data.Sequences`), read and tokenized as the scan did;
-        RunDirError when the data changed since (its texts would be shown against the wrong scores)."""
-        from influencer.data import sequence_digest
-
-        data = self.request()["data"]
-        seqs = tokenize_documents(tokenizer, data, read_documents(data, timer), timer)
-        if sequence_digest(seqs.batch) != data.get("digest"):
-            raise RunDirError(
-                f"the training data at {data['source']} changed since the scan; the report would show the wrong texts"
-            )
-        return seqs
-
-    def report(
-        self, out: str | os.PathLike[str] | None = None, *, top: int = 10, title: str | None = None, timer: Any = None
-    ) -> Path:
-        """Write the HTML report of the scan (``RUN/report.html`` by default, atomically); returns its path.
-        Holds the run's lock while it reads, so a scan cannot replace ``scan/`` underneath."""
-        from influencer.models import describe_model, load_tokenizer
-        from influencer.pieces import token_pieces
-        from influencer.report import write_report
-        from influencer.units import units_note
-
-        timer = timer or _NoTimer()
-        target = Path(out).expanduser() if out is not None else self.path / REPORT
-        if target.is_dir():
-            raise RunDirError(f"{target} is a directory; give a file name with --out")
-        request = self.request()
-        with locked_run(self.path, "report"):
-            with timer.stage("load scan"):
-                result = self.result()
-            with timer.stage("load tokenizer"):
-                tok = load_tokenizer(request.get("model") or self.record["model"]["source"])
-            seqs = self.training(tok, timer)
-            ids, mask = seqs.batch["input_ids"], seqs.batch["attention_mask"]
-            fit = self.record["fit"]
-            model = self.record["model"]
-            notes = [
-                f"model: {model.get('description') or describe_model(model['source'])} ({model['class']})",
-                f"curvature: {fit['strategy']} ({fit['fisher']} Fisher) on {len(fit['tracked_layers'])} layers "
-                f"({fit['layers']}), fitted on {fit['n_fit']} sequences",
-                f"data: {request['data']['source']} ({seqs.report.summary()})",
-            ]
-            if request["settings"].get("prefilter"):
-                notes.append(f"BM25 prefilter: top {request['settings']['prefilter']} sequences per query were scored")
-            notes.append(units_note(result.meta.get("inverse"), result.n_train, result.meta.get("self_correction")))
-            with timer.stage("write report"):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                return write_report(
-                    result,
-                    target,
-                    queries=request["queries"],
-                    train_tokens=lambda i: token_pieces(tok, ids[i, : int(mask[i].sum())].tolist()),
-                    train_text=lambda i: tok.decode(ids[i, : int(mask[i].sum())].tolist()),
-                    train_source=lambda i: str(seqs.labels[i]),
-                    title=title or f"influencer report: {self.path.name}",
-                    top=top,
-                    notes=notes,
-                )
