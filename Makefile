@@ -11,7 +11,7 @@ DEMO_THREADS ?= 2
 
 VALIDATE_METHODS := ekfac,kfac,diagonal,lissa,gradient-dot,exact,ekfac-pcg
 
-.PHONY: install demo test lint bench validate upgrade clean
+.PHONY: install demo test lint bench bench-deps validate upgrade clean
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ lint: $(STAMP)  # part of `make test`; `.venv/bin/ruff format .` fixes formattin
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_fit.py
+
+bench-deps: $(STAMP)  # peer libraries for the side-by-side benchmarks (benchmarks/bench_kronfluence.py) only
+	# --no-deps: Kronfluence requires torchvision, which would pull another torch build; it never imports it
+	$(PY) -m pip install --quiet --no-deps kronfluence==1.0.1 einconv==0.1.0
+	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[bench]"
 
 validate: $(STAMP)  # the runs recorded in docs/VALIDATION.md (~3 h on 1 thread); paper-size commands are there too
 	$(PY) benchmarks/validate_experiment.py --setup concrete --train-points 200 --methods $(VALIDATE_METHODS)

@@ -387,3 +387,91 @@ def test_scan_memory_does_not_grow_with_n() -> None:
     for i in (0, 1):  # peak and retained
         assert usage[1024, False][i] - usage[256, False][i] < matrix / 8
     assert usage[1024, True][0] - usage[256, True][0] >= matrix
+
+
+def _top_level_ops(fn) -> int:
+    """aten operators dispatched by ``fn()`` at the top level (torch.profiler; nested calls not double-counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+
+
+@pytest.mark.parametrize("contraction", ["tokens", "materialize"])
+def test_scan_dispatches_at_most_three_training_passes_of_operators_per_batch(lm, contraction) -> None:
+    """Per batch of training sequences (marginal: 4 batches − 1 batch, so setup is not counted), the scan dispatches
+    at most 3× the operators of a plain forward + backward with parameter gradients (issue 19)."""
+    model, task, train, queries, curv, _ = lm
+    store = inf.QueryStore.build(model, task, curv, queries, rank=4)
+    one, four = train[:6], train[:24]  # token ids [n, T]: 1 and 4 batches of 6
+
+    def floor(data) -> None:
+        for i in range(0, len(data), 6):
+            model.zero_grad(set_to_none=True)
+            ids = data[i : i + 6]
+            logits = model(input_ids=ids).logits
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        model.zero_grad(set_to_none=True)
+
+    def scan(data) -> None:
+        inf.scan(
+            model,
+            task,
+            curv,
+            queries,
+            data,
+            store=store,
+            rank=4,
+            batch_size=6,
+            tokens=False,
+            refine=0,
+            contraction=contraction,
+            progress=False,
+        )
+
+    floor(one)  # warm-up (lazy initialisation dispatches extra operators once)
+    scan(one)
+    per_floor = (_top_level_ops(lambda: floor(four)) - _top_level_ops(lambda: floor(one))) / 3
+    per_scan = (_top_level_ops(lambda: scan(four)) - _top_level_ops(lambda: scan(one))) / 3
+    assert per_floor > 0 and per_scan <= 3 * per_floor, (per_scan, per_floor)
+
+
+@pytest.mark.parametrize("contraction", ["tokens", "materialize"])
+def test_bfloat16_contraction_is_close_to_float32(contraction) -> None:
+    """precision="bfloat16": every score within 2 % (relative to the query's score vector) of the float32 scan,
+    the same top hit, and far closer to it than rank-k compression is to the exact queries."""
+    model = zoo.tiny_llama(hidden=32, intermediate=96, layers=2, dtype=torch.float32)
+    task = inf.CausalLM()
+    train = zoo.token_data(40, t=12)
+    queries = {"input_ids": zoo.token_data(4, t=8, seed=3), "prompt_length": torch.tensor([2, 3, 4, 2])}
+    curv = inf.fit_curvature(model, task, train, layers="mlp", progress=False)
+
+    def run(precision: str, rank: int | None = 8) -> inf.ScanResult:
+        return inf.scan(
+            model,
+            task,
+            curv,
+            queries,
+            train,
+            rank=rank,
+            top_k=3,
+            tokens=False,
+            keep_scores=True,
+            refine=0,
+            contraction=contraction,
+            precision=precision,
+            progress=False,
+        )
+
+    fp32, bf16, exact = run("float32"), run("bfloat16"), run("float32", rank=None)
+    assert bf16.meta["precision"] == "bfloat16" and bf16.scores.dtype == torch.float32
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a - b).norm(dim=1) / b.norm(dim=1)
+
+    assert (rel(bf16.scores, fp32.scores) < 0.02).all()
+    assert (rel(bf16.scores, fp32.scores) < rel(fp32.scores, exact.scores)).all()
+    assert [h.index for h in bf16.top(0, 1)] == [h.index for h in fp32.top(0, 1)]
+    with pytest.raises(ValueError, match="precision"):
+        run("float8")

@@ -325,17 +325,24 @@ def _calibrate_times(
             / b
             * (n_queries / q)
         )
-    # per query: a measurement pass (like a training pass), preconditioning (two rotations) and the rank-k SVD
-    from influencer.curvature.linalg import from_eigenbasis, to_eigenbasis
+    # per query: a measurement pass (like a training pass), the rotation of its token factors into the
+    # eigenbases, the rank-k SVD there and the rotation of the factors back (influencer.eigenbasis_store)
+    from influencer.curvature.linalg import from_eigenbasis, rotate
     from influencer.queries import truncated_svd
+
+    tokens = int(examples[0]["input_ids"].shape[-1]) if isinstance(examples[0], dict) else 1
 
     def one_query() -> None:
         for x in layers:
             f = factors[x.name]
-            v = torch.randn(1, x.d_out, x.width, dtype=dtype, device=device)
-            p = from_eigenbasis(to_eigenbasis(v, f.qs, f.qa), f.qs, f.qa)
+            a = torch.randn(1, tokens, x.width, dtype=dtype, device=device)
+            g = torch.randn(1, tokens, x.d_out, dtype=dtype, device=device)
+            m = rotate(g, f.qs).mT @ rotate(a, f.qa)
             if rank is not None and rank * (x.d_out + x.width) < x.d_out * x.width:
-                truncated_svd(p, rank)
+                left, right = truncated_svd(m, rank)
+                rotate(left.mT, f.qs, transpose=True), rotate(right, f.qa, transpose=True)
+            else:
+                from_eigenbasis(m, f.qs, f.qa)
 
     out["queries"] = out["covariance"] + _time(one_query)
     return out

@@ -44,6 +44,11 @@ class TruncationChoice(_Choice):
     left = "left"
 
 
+class PrecisionChoice(_Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
 class DtypeChoice(_Choice):
     float32 = "float32"
     bfloat16 = "bfloat16"

@@ -16,6 +16,7 @@ from influencer.cli._options import (
     _SCAN,
     DtypeChoice,
     FormatChoice,
+    PrecisionChoice,
     TruncationChoice,
     UnitChoice,
     _value,
@@ -200,6 +201,13 @@ def scan(
         "drives the score; one more solve per completion token).",
         rich_help_panel=_SCAN,
     ),
+    precision: PrecisionChoice = typer.Option(
+        PrecisionChoice.float32,
+        "--precision",
+        help="Precision of the contraction of queries with training gradients: float32, or bfloat16 (within ~0.5 %% "
+        "of float32, several times faster on GPUs and CPUs with AVX512-BF16/AMX).",
+        rich_help_panel=_SCAN,
+    ),
     show: int = typer.Option(5, "--show", min=0, help="Hits printed per query.", rich_help_panel=_SCAN),
     shard_size: int = typer.Option(
         1024, "--shard-size", min=1, help="Sequences per resumable shard.", rich_help_panel=_SCAN
@@ -328,6 +336,7 @@ def scan(
             refine_sequences=refine_sequences,
             self_correct=self_correct,
             split_completion=show if split_completion else 0,
+            precision=_value(precision),
             shard_size=shard_size,
             n_train=n_train,
             data=data,

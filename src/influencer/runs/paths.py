@@ -1,17 +1,5 @@
-"""The layout of a run directory, its lock, and the checked moves that create and replace its parts.
-
-::
-
-    RUN_DIR/
-      run.json              model source, data source and settings, sizes, versions, stage timings
-      curvature/            Curvature.save: manifest.json + factors.safetensors
-      scan/                 ScanResult.save + the scan's query store and shards, request.json (queries, settings)
-      scan.partial/         an unfinished (resumable) scan; renamed to scan/ when complete
-      report.html           influencer report
-
-Every write is atomic: a fit fills a temporary sibling folder and renames it into place; a scan is renamed from
-``scan.partial`` only when complete. Nothing is written before the inputs have been checked.
-"""
+"""The layout of a run directory (drawn in :mod:`influencer.runs`), its lock, and the checked moves that create
+and replace its parts; a fit's checkpoints wait in a sibling ``.<name>.fit-partial`` until the run is written."""
 
 from __future__ import annotations
 

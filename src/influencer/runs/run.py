@@ -108,7 +108,8 @@ class Run:
         Options (see :func:`influencer.runs.scan_run` for all): ``rank`` (32; 0 or None exact), ``top_k``,
         ``prefilter`` (BM25 top N per query), ``tokens`` (per-token influence of hits), ``keep_scores``,
         ``refine`` ("auto", N CG steps, 0 = the paper's plain estimate), ``self_correct`` ("auto", "on", "off"),
-        ``chat_template``, ``data`` + ``data_options`` (another data set), ``overwrite``, ``memory_budget``.
+        ``chat_template``, ``precision`` ("float32", or "bfloat16": the contraction in bf16, see
+        :func:`influencer.scan`), ``data`` + ``data_options`` (another data set), ``overwrite``, ``memory_budget``.
         An interrupted scan resumes when called again with the same queries and settings.
         """
         from influencer.runs.scanning import scan_run

@@ -115,6 +115,7 @@ def scan_run(
     refine_sequences: int | None = None,
     self_correct: bool | str | None = "auto",
     split_completion: int = 0,
+    precision: str = "float32",
     shard_size: int = 1024,
     n_train: int | None = None,
     data: str | os.PathLike[str] | None = None,
@@ -142,6 +143,8 @@ def scan_run(
     for name, value in (("prefilter", prefilter), ("n_train", n_train), ("refine_sequences", refine_sequences)):
         check_count(name, value)
     check_count("rank", rank, at_least=0)
+    if precision not in ("float32", "bfloat16"):
+        raise RequestError(f"{{}} takes float32 or bfloat16, got {precision!r}", "precision")
     if refine_sequences is not None and steps == 0:
         raise RequestError("{} sets the refinement sample; it needs refine auto or N ≥ 1", "refine_sequences")
     budget = parse_budget(memory_budget)
@@ -266,6 +269,7 @@ def scan_run(
                     n_train=n_train,
                     refine=0,  # decided above, over the fit's sequences
                     self_correct=correct,
+                    precision=precision,
                     progress=hooks.progress,
                 )
             except ResumeConflictError as exc:
@@ -299,6 +303,7 @@ def scan_run(
                 "refine_sequences": refine_sequences,
                 "refine_plan": None if plan is None else plan.to_dict(),
                 "split_completion": split_completion,
+                "precision": precision,
                 "self_correct": {None: "auto", True: "on", False: "off"}[correct],
                 "inverse": inverse.describe(),
                 "n_train": result.n_train,

@@ -9,6 +9,8 @@ from influencer.queries import LayerQueries, QueryStore
 
 #: extra memory the scan may spend on dense copies of rank-k queries to use the cheaper contraction order
 DEFAULT_DENSE_BUDGET = 1 << 30
+#: the contraction's precision (scan's ``precision``): "float32" is the model's compute dtype
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 #: working memory for a chunk of materialized per-sequence gradients
 _MATERIALIZE_CHUNK_BYTES = 256 << 20
 
@@ -29,10 +31,22 @@ def contraction_costs(q: int, k: int | None, t: float, d_out: int, w: int) -> di
 
 
 class _LayerScorer:
-    """Scores of one layer for all queries: [Q, B] per batch, or per token [Q, B, T]."""
+    """Scores of one layer for all queries: [Q, B] per batch, or per token [Q, B, T].
 
-    def __init__(self, layer: Layer, lq: LayerQueries, mode: str, dtype: torch.dtype, device: torch.device):
-        self.layer, self.mode = layer, mode
+    ``dtype``: the contraction's precision (the queries are kept in it and ā, g cast to it; bfloat16 runs the
+    products on bf16 units with float32 accumulation inside each product); ``out_dtype``: the scores' dtype
+    (default ``dtype``)."""
+
+    def __init__(
+        self,
+        layer: Layer,
+        lq: LayerQueries,
+        mode: str,
+        dtype: torch.dtype,
+        device: torch.device,
+        out_dtype: torch.dtype | None = None,
+    ):
+        self.layer, self.mode, self.dtype, self.out_dtype = layer, mode, dtype, out_dtype or dtype
         d_out, w = layer.shape
         q = lq.n_queries
         if lq.low_rank:
@@ -47,11 +61,19 @@ class _LayerScorer:
             p = lq.to_dense().to(device, dtype)
             self.p_in = p.permute(2, 0, 1).reshape(w, q * d_out)  # ā_t @ p_in → [Q, d_out] per token
         self.q = q
-        # materialize mode: P in the [w, d_out] layout of per-example aᵀg products
-        self.p_flat = lq.to_dense().to(device, dtype).mT.reshape(q, w * d_out) if mode == "materialize" else None
+        # materialize mode: P in the [w, d_out] layout of per-example aᵀg products (formed in it: no transposing copy)
+        self.p_flat = None
+        if mode == "materialize":
+            if lq.low_rank:
+                assert lq.left is not None and lq.right is not None
+                pt = torch.bmm(lq.right.to(device).mT, lq.left.to(device).mT)
+            else:
+                pt = lq.to_dense().to(device).mT
+            self.p_flat = pt.to(dtype).reshape(q, w * d_out)
 
     def token_scores(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """⟨P, g_t ā_tᵀ⟩ per query and token: [Q, B, T]."""
+        a, g = a.to(self.dtype), g.to(self.dtype)
         b, t, _ = a.shape
         if self.k is not None:
             prod = (g @ self.left) * (a @ self.right)  # [B, T, Q·k]
@@ -60,15 +82,16 @@ class _LayerScorer:
             assert self.p_in is not None
             pa = (a @ self.p_in).view(b, t, self.q, -1)  # [B, T, Q, d_out]
             per = (pa * g.unsqueeze(2)).sum(-1)
-        return per.permute(2, 0, 1)
+        return per.permute(2, 0, 1).to(self.out_dtype)
 
     def scores(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """⟨P, Σ_t g_t ā_tᵀ⟩ per query and sequence: [Q, B]."""
         if self.mode == "tokens":
             return self.token_scores(a, g).sum(-1)
         assert self.p_flat is not None
+        a, g = a.to(self.dtype), g.to(self.dtype)
         b = a.shape[0]
-        out = torch.empty(self.q, b, dtype=a.dtype, device=a.device)
+        out = torch.empty(self.q, b, dtype=self.out_dtype, device=a.device)
         # per-sequence gradients Ĝ_b = ā_bᵀ g_b for a chunk of sequences at once, then one GEMM against all queries
         chunk = max(1, _MATERIALIZE_CHUNK_BYTES // (self.p_flat.shape[1] * a.element_size()))
         for i in range(0, b, chunk):

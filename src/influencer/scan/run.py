@@ -22,7 +22,7 @@ from influencer.passes import amp_aware, compute_dtype, eval_mode
 from influencer.progress import progress_bar
 from influencer.queries import LayerQueries, QueryStore
 from influencer.refine_plan import default_inverse
-from influencer.scan.contract import DEFAULT_DENSE_BUDGET, _choose_modes, _LayerScorer
+from influencer.scan.contract import DEFAULT_DENSE_BUDGET, PRECISIONS, _choose_modes, _LayerScorer
 from influencer.scan.result import ScanResult
 from influencer.scan.shard import (
     _candidates,
@@ -64,6 +64,7 @@ def scan(
     n_train: int | None = None,
     contraction: str | None = None,
     dense_budget: int = DEFAULT_DENSE_BUDGET,
+    precision: str = "float32",
     refine: int | str = "auto",
     refine_seed: int = 0,
     self_correct: bool | None = None,
@@ -87,6 +88,10 @@ def scan(
     data_range: scan only training sequences [start, stop) — a partition; :func:`merge_scans` combines the
         partitions of a training set into the result of one scan (every partition refines on the same sample).
     contraction: force "tokens" or "materialize" (default: the cost model decides per layer).
+    precision: of the per-layer contraction of queries with training gradients: "float32" (default: the model's
+    compute dtype) or "bfloat16" (bf16 products with float32 accumulation inside each, scores summed in float32:
+    within ~0.5 % of float32 — far below the rank-32 compression's error — and several times faster on GPUs and
+    on CPUs with AVX512-BF16 or AMX; recorded in ``meta["precision"]``).
     store: a ready :class:`~influencer.queries.QueryStore`, used as built (``refine`` does not apply).
     self_correct: rescale the hits by their leave-one-in factor (:mod:`influencer.self_curvature`: each hit's own
         curvature, which an inverse refined over a sample misses), re-ranking a pool of :data:`POOL` × ``top_k``
@@ -98,6 +103,8 @@ def scan(
     """
     if top_k < 1:
         raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     if contraction not in (None, "tokens", "materialize"):
         raise ValueError(f"contraction must be None, 'tokens' or 'materialize', got {contraction!r}")
     if shard_size < 1:
@@ -139,6 +146,7 @@ def scan(
             n_train=n_train,
             contraction=contraction,
             dense_budget=dense_budget,
+            precision=precision,
             refine=refine,
             refine_seed=refine_seed,
             self_correct=self_correct,
@@ -241,6 +249,7 @@ def _scan(
     n_train: int | None,
     contraction: str | None,
     dense_budget: int,
+    precision: str,
     refine: int | str,
     refine_seed: int,
     self_correct: bool | None,
@@ -280,7 +289,8 @@ def _scan(
         1.0, sum(f.tokens for f in curvature.layers.values()) / max(1, len(curvature.layers)) / max(1, curvature.n_fit)
     )
     modes = _choose_modes(layers, store, t_mean, dense_budget, contraction)
-    scorers = [_LayerScorer(x, store.layers[x.name], modes[x.name], dtype, device) for x in layers]
+    work = dtype if precision == "float32" else PRECISIONS[precision]
+    scorers = [_LayerScorer(x, store.layers[x.name], modes[x.name], work, device, out_dtype=dtype) for x in layers]
     config = {
         "n": n,
         "queries": q,
@@ -297,6 +307,8 @@ def _scan(
         "inverse": store.meta.get("inverse"),
         "self_correct": top_k if correct else None,
     }
+    if precision != "float32":
+        config["precision"] = precision
     if data_range != (0, n):
         config["data_range"] = list(data_range)
     config_digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
@@ -376,6 +388,7 @@ def _scan(
         meta={
             "rank": store.rank,
             "modes": modes,
+            "precision": precision,
             "n_dataset": n,
             "prefiltered": candidates is not None,
             "keep_scores": keep_scores,
