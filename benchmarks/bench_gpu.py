@@ -12,7 +12,11 @@ Stages, each timed with CUDA synchronisation and its own peak-memory counter:
 - token pass: ``attribute_tokens`` over the scan's hits.
 
 Precisions: "bf16" (model weights in bf16; captured activations are upcast, factors float32, eigh float64),
-"autocast" (fp32 weights, forward/backward under ``torch.autocast(dtype=torch.bfloat16)``) and "fp32".
+"autocast" (fp32 weights, forward/backward under ``torch.autocast(dtype=torch.bfloat16)``) and "fp32"; the
+scan's contraction runs in bf16 (``precision="bfloat16"``) under the first two, in fp32 under the last.
+``--packed --max-len 512`` is the paper's shape (KJV packed into 512-token rows; issue 19):
+
+    python benchmarks/bench_gpu.py --packed --max-len 512 --fit-seqs 256 --scan-seqs 1024 --batch 8
 With real weights the queries are KJV verses from the scan set split in half, and the script reports where the
 source verse ranks (a sanity check of the numbers, not only the speed).
 """
@@ -105,7 +109,9 @@ def fit_breakdown() -> Iterator[dict[str, float]]:
         fit_mod.eigh_blocks, fit_mod._Fit.accumulate = saved_eigh, saved_pass  # type: ignore[method-assign]
 
 
-def load(random_init: bool, n_verses: int, max_len: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Any]:
+def load(
+    random_init: bool, n_verses: int, max_len: int, packed: bool = False
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Any]:
     if random_init:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -120,6 +126,14 @@ def load(random_init: bool, n_verses: int, max_len: int) -> tuple[torch.nn.Modul
     from influencer.models import load_model
 
     model, tok = load_model("smollm2-135m", dtype=torch.float32)
+    if packed:  # the paper's shape: verses packed end to end into max_len-token rows (queries: verses after them)
+        from influencer.data import Documents, make_sequences
+
+        verses = kjv_verses(n_verses * max_len // 20)
+        docs = Documents([v["text"] for v in verses], [v["citation"] for v in verses])
+        seqs = make_sequences(tok, docs, max_length=max_len, packing=True, max_sequences=n_verses)
+        after = [v["text"] for v in kjv_verses(n_verses, start=len(verses))]
+        return model, seqs.batch, (tok, after)
     texts = [v["text"] for v in kjv_verses(n_verses)]
     return model, tokenize_texts(tok, texts, max_length=max_len), (tok, texts)
 
@@ -168,8 +182,8 @@ def run(
 
         pick = torch.linspace(0, args.scan_seqs - 1, args.queries).long().tolist()
         prompts, completions = split_verse_queries([text[1][i] for i in pick])
-        queries = tokenize_queries(text[0], prompts, completions, max_length=args.max_len)
-        sources = pick
+        queries = tokenize_queries(text[0], prompts, completions, max_length=min(args.max_len, 64))
+        sources = None if args.packed else pick  # (packed rows hold many verses: no source rank to check)
     res: dict[str, dict[str, float]] = {}
     log(
         f"[{precision}] fit {args.fit_seqs} seqs ({fit_tokens} tokens), scan {args.scan_seqs} seqs "
@@ -197,6 +211,8 @@ def run(
                 top_k=10,
                 batch_size=args.batch,
                 tokens=False,
+                precision="float32" if precision == "fp32" else "bfloat16",
+                refine=0,
                 progress=False,
             )
         hits = len({i for q in range(result.n_queries) for i in (h.index for h in result.top(q))})
@@ -256,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fit-seqs", type=int, default=2048)
     p.add_argument("--scan-seqs", type=int, default=8192)
     p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--packed", action="store_true", help="pack KJV verses into --max-len rows (the paper: 512)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--rank", type=int, default=32)
@@ -276,9 +293,13 @@ def main(argv: list[str] | None = None) -> None:
         "model": "SmolLM2-135M-Instruct architecture, random weights"
         if args.random_init
         else "SmolLM2-135M-Instruct (built-in GGUF, de-quantized)",
-        "data": "random token ids" if args.random_init else "KJV verses, one per sequence",
+        "data": "random token ids"
+        if args.random_init
+        else f"KJV verses packed into {args.max_len}-token rows"
+        if args.packed
+        else "KJV verses, one per sequence",
     }
-    model, train, text = load(args.random_init, max(args.fit_seqs, args.scan_seqs), args.max_len)
+    model, train, text = load(args.random_init, max(args.fit_seqs, args.scan_seqs), args.max_len, args.packed)
     runs = [run(args, precision, model, train, text) for precision in args.precisions.split(",")]
     md = markdown(args, runs, env)
     print(md)

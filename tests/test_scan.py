@@ -475,3 +475,39 @@ def test_bfloat16_contraction_is_close_to_float32(contraction) -> None:
     assert [h.index for h in bf16.top(0, 1)] == [h.index for h in fp32.top(0, 1)]
     with pytest.raises(ValueError, match="precision"):
         run("float8")
+
+
+@pytest.mark.parametrize("contraction", ["tokens", "materialize"])
+@pytest.mark.parametrize("rank", [None, 3])
+def test_fused_layers_equal_per_layer_scoring(lm, contraction, rank) -> None:
+    """Layers of one shape scored together (one batched product per batch) give the per-layer scan's numbers:
+    totals, every layer's part of every kept hit, and the kept indices."""
+    model, task, train, queries, curv, _ = lm
+
+    def run(fuse: bool) -> inf.ScanResult:
+        return inf.scan(
+            model,
+            task,
+            curv,
+            queries,
+            train,
+            rank=rank,
+            top_k=4,
+            tokens=False,
+            keep_scores=True,
+            refine=0,
+            contraction=contraction,
+            fuse_layers=fuse,
+            batch_size=7,
+            progress=False,
+        )
+
+    fused, alone = run(True), run(False)
+    assert fused.meta["fused_layers"] == 9 and alone.meta["fused_layers"] == 0  # 3 blocks × (gate, up, down)
+    assert torch.allclose(fused.scores, alone.scores, rtol=1e-10, atol=1e-12)
+    for q in range(fused.n_queries):
+        a, b = fused.top(q, 4), alone.top(q, 4)
+        assert [h.index for h in a] == [h.index for h in b]
+        for x, y in zip(a, b, strict=True):
+            assert x.layers.keys() == y.layers.keys()
+            assert all(abs(x.layers[k] - y.layers[k]) <= 1e-10 * max(1.0, abs(y.layers[k])) for k in x.layers)

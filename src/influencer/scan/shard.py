@@ -11,7 +11,7 @@ from torch import nn
 from influencer.layers import Layer
 from influencer.passes import batches, layer_io
 from influencer.progress import Bar
-from influencer.scan.contract import _LayerScorer
+from influencer.scan.contract import _LayerScorer, _Scoring
 from influencer.scan.topk import BANDS, _State
 from influencer.tasks import Task
 
@@ -137,7 +137,7 @@ def _scan_shard(
     model: nn.Module,
     task: Task,
     layers: list[Layer],
-    scorers: list[_LayerScorer],
+    scorers: list[_LayerScorer] | _Scoring,
     dataset: Any,
     shard: torch.Tensor,
     allowed: torch.Tensor | None,
@@ -148,15 +148,15 @@ def _scan_shard(
     keep_scores: bool,
     bar: Bar,
 ) -> _State:
-    state = _State.empty(q, top_k, len(layers), dtype)
+    device = next(model.parameters()).device
+    state = _State.empty(q, top_k, len(layers), dtype, device)  # on the model's device: no host sync per batch
     subset = _Subset(dataset, shard)
+    scoring = scorers if isinstance(scorers, _Scoring) else _Scoring(scorers, fuse=False)
+    names = [x.name for x in layers]
     for local, batch in batches(subset, task, batch_size, desc="scan", progress=False):
         idx = shard[local]
         io = layer_io(model, task, layers, batch, idx, loss="train")
-        # one device → host copy per batch (a sync per layer would stall a GPU)
-        per_layer = torch.stack(
-            [s.scores(io[s.layer.name].a.to(dtype), io[s.layer.name].g.to(dtype)) for s in scorers]
-        ).cpu()
-        state.update(idx, per_layer, None if allowed is None else allowed[:, idx], keep_scores)
+        mask = None if allowed is None else allowed[:, idx].to(device, non_blocking=True)
+        state.update(idx.to(device, non_blocking=True), scoring(io, names), mask, keep_scores)
         bar.update(len(idx))
-    return state
+    return state.to("cpu")

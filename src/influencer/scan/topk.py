@@ -23,13 +23,18 @@ class _Top:
     layers: torch.Tensor
 
     @classmethod
-    def empty(cls, q: int, k: int, n_layers: int, largest: bool, dtype: torch.dtype) -> _Top:
+    def empty(
+        cls, q: int, k: int, n_layers: int, largest: bool, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> _Top:
         fill = float("-inf") if largest else float("inf")
         return cls(
-            torch.full((q, k), fill, dtype=dtype),
-            torch.full((q, k), -1, dtype=torch.long),
-            torch.zeros(q, k, n_layers, dtype=dtype),
+            torch.full((q, k), fill, dtype=dtype, device=device),
+            torch.full((q, k), -1, dtype=torch.long, device=device),
+            torch.zeros(q, k, n_layers, dtype=dtype, device=device),
         )
+
+    def to(self, device: torch.device | str) -> _Top:
+        return _Top(self.values.to(device), self.indices.to(device), self.layers.to(device))
 
     def update(self, values: torch.Tensor, indices: torch.Tensor, layers: torch.Tensor, largest: bool) -> None:
         """values [Q, B], indices [B] (or [Q, B]), layers [Q, B, L]; masked entries hold ∓inf."""
@@ -47,7 +52,7 @@ class _Top:
         self.values = all_v.gather(1, top)
         self.indices = all_i.gather(1, top)
         self.layers = all_l.gather(1, top.unsqueeze(-1).expand(-1, -1, all_l.shape[-1]))
-        self.indices[~torch.isfinite(self.values)] = -1
+        self.indices = torch.where(torch.isfinite(self.values), self.indices, -1)  # (no host sync on a GPU)
 
 
 def _band_slices(n_layers: int) -> dict[str, slice]:
@@ -70,12 +75,13 @@ class _State:
     scores: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (indices [B], [Q, B])
 
     @classmethod
-    def empty(cls, q: int, k: int, n_layers: int, dtype: torch.dtype) -> _State:
-        z = torch.zeros(q, dtype=torch.float64)
+    def empty(cls, q: int, k: int, n_layers: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> _State:
+        """An empty state on ``device`` (a scan keeps it on the model's device: no host sync per batch)."""
+        z = torch.zeros(q, dtype=torch.float64, device=device)
         return cls(
-            _Top.empty(q, k, n_layers, True, dtype),
-            _Top.empty(q, k, n_layers, False, dtype),
-            {b: _Top.empty(q, k, n_layers, True, dtype) for b in BANDS},
+            _Top.empty(q, k, n_layers, True, dtype, device),
+            _Top.empty(q, k, n_layers, False, dtype, device),
+            {b: _Top.empty(q, k, n_layers, True, dtype, device) for b in BANDS},
             z.clone(),
             z.clone(),
             z.clone(),
@@ -89,7 +95,7 @@ class _State:
         total = per_layer.sum(0)
         layers = per_layer.permute(1, 2, 0)  # [Q, B, L]
         valid = torch.ones_like(total, dtype=torch.bool) if allowed is None else allowed
-        inf = torch.tensor(float("inf"), dtype=total.dtype)
+        inf = torch.tensor(float("inf"), dtype=total.dtype, device=total.device)
         self.top.update(torch.where(valid, total, -inf), indices, layers, True)
         self.bottom.update(torch.where(valid, total, inf), indices, layers, False)
         for band, sl in _band_slices(per_layer.shape[0]).items():
@@ -102,6 +108,19 @@ class _State:
         self.squares += t64.pow(2).sum(1)
         if keep_scores:
             self.scores.append((indices.clone(), torch.where(valid, total, torch.nan)))
+
+    def to(self, device: torch.device | str) -> _State:
+        """The same state on ``device`` (kept scores too)."""
+        return _State(
+            self.top.to(device),
+            self.bottom.to(device),
+            {b: t.to(device) for b, t in self.bands.items()},
+            self.count.to(device),
+            self.total.to(device),
+            self.positive.to(device),
+            self.squares.to(device),
+            [(i.to(device), s.to(device)) for i, s in self.scores],
+        )
 
     def merge(self, other: _State) -> None:
         for mine, theirs, largest in (
