@@ -298,6 +298,13 @@ def test_scan_with_flags_prefilter_and_chat_template(ws, tmp_path):
     assert "already holds a scan" in line and "--overwrite" in line
     ok(invoke("scan", run, "--queries", ws.queries, "--overwrite", "--no-tokens"))
     assert len(json.loads((run / "scan" / "request.json").read_text())["queries"]) == 2
+    # --precision bfloat16: recorded in the request and the result; the same top hits as float32 here
+    float32 = inf.ScanResult.load(run / "scan")
+    ok(invoke("scan", run, "--queries", ws.queries, "--overwrite", "--no-tokens", "--precision", "bfloat16"))
+    bf16 = inf.ScanResult.load(run / "scan")
+    assert json.loads((run / "scan" / "request.json").read_text())["settings"]["precision"] == "bfloat16"
+    assert bf16.meta["precision"] == "bfloat16"
+    assert [h.index for h in bf16.top(0, 3)] == [h.index for h in float32.top(0, 3)]
 
 
 def test_scan_of_other_data_with_packing(ws, tmp_path):
