@@ -124,6 +124,7 @@ CASES = [
     Case("fit-layers-blank", _fit("--layers", "  "), "is empty"),
     Case("fit-layers-unknown-preset", _fit("--layers", "mlpp"), "unknown layer preset 'mlpp'"),
     Case("fit-layers-no-match", _fit("--layers", r"nothing\.here"), "matched no layer"),
+    Case("fit-layers-braces-in-regex", _fit("--layers", r"layers\.[0-9]{2}\.mlp"), r"[0-9]{2}"),
     Case("fit-layers-bad-regex", _fit("--layers", "(mlp"), "valid regex"),
     Case("fit-layers-head-by-pattern-only", _fit("--layers", r"^lm_"), "matched no layer"),
     # fit: numbers

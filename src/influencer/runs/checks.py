@@ -23,12 +23,23 @@ class RequestError(ValueError):
     """A bad request, found before any expensive work. ``parameter`` names the argument it is about (``{}`` in the
     message stands for it); :meth:`render` spells it another way (the command line writes ``--damping-factor``)."""
 
-    def __init__(self, template: str, parameter: str | None = None):
-        self.template, self.parameter = template, parameter
+    def __init__(self, template: str, parameter: str | None = None, *others: str):
+        self.template, self.parameter, self.others = template, parameter, others
         super().__init__(self.render())
 
     def render(self, spell: Callable[[str], str] = str) -> str:
-        return self.template.format(spell(self.parameter)) if self.parameter is not None else self.template
+        """The message with ``{}`` / ``{0}`` the parameter and ``{1}``, ``{2}``, … the ``others``, spelled. Only
+        those exact tokens are replaced, so braces in data-derived text (a regex such as ``[0-9]{2}``, a path)
+        stay as they are."""
+        if self.parameter is None:
+            return self.template
+        names = [spell(self.parameter), *(spell(o) for o in self.others)]
+
+        def fill(m: re.Match[str]) -> str:
+            i = int(m.group(1) or 0)
+            return names[i] if i < len(names) else m.group(0)
+
+        return re.sub(r"\{(\d?)\}", fill, self.template)
 
 
 class _Row:

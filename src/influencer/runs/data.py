@@ -82,10 +82,13 @@ def scan_data_settings(
             settings["sequences"] = given["sequences"]
         changed = [k for k, v in given.items() if v is not None and k != "sequences"]
         if changed:
+            names = ", ".join(f"{{{i + 2}}}" for i in range(len(changed)))
             raise RequestError(
-                f"data settings other than sequences ({', '.join(changed)}) need {{}} (without it the fit's data "
-                "is scanned exactly as it was fitted)",
+                f"data settings other than {{1}} ({names}) need {{0}} (without it the fit's data is scanned "
+                "exactly as it was fitted)",
                 "data",
+                "sequences",
+                *changed,
             )
         return settings
 
