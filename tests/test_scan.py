@@ -437,6 +437,13 @@ def test_scan_dispatches_at_most_three_training_passes_of_operators_per_batch(lm
     assert per_floor > 0 and per_scan <= 3 * per_floor, (per_scan, per_floor)
 
 
+def _kept_scan(model, task, curv, queries, train, **options) -> inf.ScanResult:
+    """A plain-inverse scan (no refinement, no token pass) that keeps the full score matrix."""
+    return inf.scan(
+        model, task, curv, queries, train, tokens=False, keep_scores=True, refine=0, progress=False, **options
+    )
+
+
 @pytest.mark.parametrize("contraction", ["tokens", "materialize"])
 def test_bfloat16_contraction_is_close_to_float32(contraction) -> None:
     """precision="bfloat16": every score within 2 % (relative to the query's score vector) of the float32 scan,
@@ -448,20 +455,8 @@ def test_bfloat16_contraction_is_close_to_float32(contraction) -> None:
     curv = inf.fit_curvature(model, task, train, layers="mlp", progress=False)
 
     def run(precision: str, rank: int | None = 8) -> inf.ScanResult:
-        return inf.scan(
-            model,
-            task,
-            curv,
-            queries,
-            train,
-            rank=rank,
-            top_k=3,
-            tokens=False,
-            keep_scores=True,
-            refine=0,
-            contraction=contraction,
-            precision=precision,
-            progress=False,
+        return _kept_scan(
+            model, task, curv, queries, train, rank=rank, top_k=3, contraction=contraction, precision=precision
         )
 
     fp32, bf16, exact = run("float32"), run("bfloat16"), run("float32", rank=None)
@@ -485,7 +480,7 @@ def test_fused_layers_equal_per_layer_scoring(lm, contraction, rank) -> None:
     model, task, train, queries, curv, _ = lm
 
     def run(fuse: bool) -> inf.ScanResult:
-        return inf.scan(
+        return _kept_scan(
             model,
             task,
             curv,
@@ -493,13 +488,9 @@ def test_fused_layers_equal_per_layer_scoring(lm, contraction, rank) -> None:
             train,
             rank=rank,
             top_k=4,
-            tokens=False,
-            keep_scores=True,
-            refine=0,
             contraction=contraction,
             fuse_layers=fuse,
             batch_size=7,
-            progress=False,
         )
 
     fused, alone = run(True), run(False)

@@ -47,7 +47,7 @@ def eigenbasis_factors(
                 a, g = x.a.to(dtype), x.g.to(dtype)
                 if name not in cache:
                     inv = curv.inverse_diagonal(name, dtype, a.device) if kind.curved else None
-                    basis = curv._basis(name, dtype, a.device) if kind.basis else (None, None)
+                    basis = curv.eigenbases(name, dtype, a.device) if kind.basis else (None, None)
                     cache[name] = (inv, *basis)
                 inv, qs, qa = cache[name]
                 if qs is not None:
@@ -67,7 +67,7 @@ def back_from_eigenbasis(
         return (None if left is None else -left), right, (None if dense is None else -dense)
     ref = left if left is not None else dense
     assert ref is not None
-    qs, qa = curv._basis(name, ref.dtype, ref.device)
+    qs, qa = curv.eigenbases(name, ref.dtype, ref.device)
     if dense is not None:
         return None, None, -from_eigenbasis(dense, qs, qa)
     assert left is not None and right is not None

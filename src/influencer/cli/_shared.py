@@ -1,4 +1,6 @@
-"""Pieces the commands share: the hooks a command passes to the library, option checks spelled as options."""
+"""Pieces the commands share: the hooks a command passes to the library, model loading, console output.
+
+A refused request (:class:`influencer.runs.RequestError`) names its parameter; ``_runtime`` prints it as the option."""
 
 from __future__ import annotations
 
@@ -6,8 +8,8 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from influencer.cli._progress import _Timer
-from influencer.cli._runtime import _SETTINGS, UserError, _agree, _main_rank
-from influencer.runs.checks import RequestError, RunHooks, check_number, load_model_timed, parse_budget
+from influencer.cli._runtime import _SETTINGS, _agree, _main_rank
+from influencer.runs.checks import RunHooks, load_model_timed
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -22,15 +24,6 @@ def _quiet_transformers() -> None:
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-
-
-def _option(parameter: str) -> str:
-    """A library parameter as its command-line option: ``damping_factor`` → ``--damping-factor``."""
-    return "--" + parameter.replace("_", "-")
-
-
-def _user_error(exc: RequestError) -> UserError:
-    return UserError(exc.render(_option))
 
 
 def _hooks(console: Console, timer: _Timer) -> RunHooks:
@@ -50,21 +43,3 @@ def _load_model(timer: _Timer, source: str, dtype: str, device: str) -> tuple[An
 
 def _say(console: Console, text: str) -> None:
     console.print(text, highlight=False, markup=False)
-
-
-def _check_number(
-    option: str, value: float | None, *, above: float | None = None, at_least: float | None = None
-) -> None:
-    """Refuse a numeric option that is NaN, infinite or out of range (before anything is loaded)."""
-    try:
-        check_number(option.lstrip("-").replace("-", "_"), value, above=above, at_least=at_least)
-    except RequestError as exc:
-        raise _user_error(exc) from None
-
-
-def _budget_option(text: str) -> int | None:
-    """``--memory-budget``: None (auto), -1 (off) or bytes; a UserError naming the option otherwise."""
-    try:
-        return parse_budget(text)
-    except RequestError as exc:
-        raise _user_error(exc) from None

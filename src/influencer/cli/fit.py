@@ -23,7 +23,7 @@ from influencer.cli._options import (
 )
 from influencer.cli._progress import _console, _live, _size, _Timer, _timing_table, _timings_title
 from influencer.cli._runtime import _command, _process_group
-from influencer.cli._shared import _budget_option, _check_number, _hooks, _quiet_transformers, _say
+from influencer.cli._shared import _hooks, _quiet_transformers, _say
 
 
 @app.command()
@@ -168,9 +168,6 @@ def fit(
 
     console = _console()
     timer = _Timer()
-    _check_number("--damping", damping, at_least=0)
-    _check_number("--damping-factor", damping_factor, above=0)
-    _budget_option(memory_budget)
     _quiet_transformers()
     settings = data_settings(
         data,

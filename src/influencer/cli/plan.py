@@ -9,8 +9,8 @@ from influencer.cli._app import app
 from influencer.cli._options import _CURV, DtypeChoice, FisherChoice, StrategyChoice, _value
 from influencer.cli._progress import _console, _live, _Timer
 from influencer.cli._runtime import _command
-from influencer.cli._shared import _budget_option, _load_model, _say
-from influencer.runs.checks import check_layers_early, model_source, resolve_device, select_layers_checked
+from influencer.cli._shared import _load_model, _say
+from influencer.runs.checks import check_layers_early, model_source, parse_budget, resolve_device, select_layers_checked
 
 
 @app.command()
@@ -43,7 +43,7 @@ def plan(
     from influencer.plan import plan as make_plan
 
     strategy_name, fisher_name = _value(strategy), _value(fisher)
-    budget = _budget_option(memory_budget)
+    budget = parse_budget(memory_budget)
     source = model_source(model)
     check_layers_early(source, layers)
     resolved = resolve_device(device)

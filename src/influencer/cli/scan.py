@@ -23,7 +23,7 @@ from influencer.cli._options import (
 )
 from influencer.cli._progress import _console, _live, _Timer, _timing_table, _timings_title
 from influencer.cli._runtime import UserError, _command, _main_rank, _process_group
-from influencer.cli._shared import _budget_option, _hooks, _quiet_transformers, _say
+from influencer.cli._shared import _hooks, _quiet_transformers, _say
 from influencer.pieces import token_pieces
 
 if TYPE_CHECKING:
@@ -296,11 +296,8 @@ def scan(
     same command runs again. Example: influencer scan runs/kjv -p "In the beginning God created"
     -c " the heaven and the earth."
     """
-    from influencer.runs.scanning import refine_steps, scan_run, self_correction
+    from influencer.runs.scanning import scan_run
 
-    refine_steps(refine)  # option checks before anything is read
-    self_correction(self_correct)
-    _budget_option(memory_budget)
     query_list = _queries_from_options(queries, prompt, completion)
     given = {
         "format": _value(fmt),

@@ -147,7 +147,8 @@ class Curvature:
         inv = 1.0 / (f.lam.to(torch.float64) + f.damping)
         return inv.to(device=device or f.lam.device, dtype=dtype)
 
-    def _basis(self, name: str, dtype: torch.dtype, device: torch.device) -> tuple[list, list]:
+    def eigenbases(self, name: str, dtype: torch.dtype, device: torch.device) -> tuple[list, list]:
+        """(Q_S blocks, Q_A blocks) of layer ``name`` in ``dtype`` on ``device``."""
         f = self.layers[name]
         assert f.qs is not None and f.qa is not None
         qs = [q.to(device=device, dtype=dtype) for q in f.qs]
@@ -162,7 +163,7 @@ class Curvature:
         inv = self.inverse_diagonal(name, v.dtype, v.device)
         if not kind.basis:
             return v * inv
-        qs, qa = self._basis(name, v.dtype, v.device)
+        qs, qa = self.eigenbases(name, v.dtype, v.device)
         return from_eigenbasis(to_eigenbasis(v, qs, qa) * inv, qs, qa)
 
     # --- the Inverse protocol ---------------------------------------------------------------------------
@@ -186,7 +187,7 @@ class Curvature:
             return g.pow(2).flatten(1).sum(1)
         inv = self.inverse_diagonal(name, g.dtype, g.device)
         if kind.basis:
-            qs, qa = self._basis(name, g.dtype, g.device)
+            qs, qa = self.eigenbases(name, g.dtype, g.device)
             g = to_eigenbasis(g, qs, qa)
         return (g.pow(2) * inv).flatten(1).sum(1)
 
@@ -194,7 +195,7 @@ class Curvature:
         """⟨Ĝ, (G_l + λ_l)⁻¹ Ĝ⟩ of the per-sequence gradients Ĝ_b = Σ_t g_{b,t} ā_{b,t}ᵀ from a [B, T, w] and
         g [B, T, d_out] → [B], rotating tokens first (Q_Sᵀ g_t, Q_Aᵀ ā_t) when that is cheaper than rotating Ĝ."""
         if strategy_record(self.strategy).basis and rotate_tokens_first(a.shape[1], g.shape[-1], a.shape[-1]):
-            qs, qa = self._basis(name, a.dtype, a.device)
+            qs, qa = self.eigenbases(name, a.dtype, a.device)
             rotated = per_example_grads(rotate(a, qa), rotate(g, qs))  # Q_Sᵀ Ĝ Q_A
             inv = self.inverse_diagonal(name, a.dtype, a.device)
             return (rotated.pow(2) * inv).flatten(1).sum(1)
