@@ -17,10 +17,10 @@ from influencer import distributed as dist
 from influencer.curvature.core import Inverse
 from influencer.io import atomic_save_tensors, load_tensors
 from influencer.layers import Layer
-from influencer.ledger import Ledger, check_resume, examples_digest
+from influencer.ledger import Ledger, examples_digest
 from influencer.passes import amp_aware, compute_dtype, eval_mode
 from influencer.progress import progress_bar
-from influencer.queries import LayerQueries, QueryStore
+from influencer.queries import QueryStore
 from influencer.refine_plan import default_inverse
 from influencer.scan.contract import DEFAULT_DENSE_BUDGET, PRECISIONS, _choose_modes, _LayerScorer, _Scoring
 from influencer.scan.result import ScanResult
@@ -30,6 +30,7 @@ from influencer.scan.shard import (
     _correction_meta,
     _scan_shard,
 )
+from influencer.scan.store import _resident_store
 from influencer.scan.tokens import attribute_tokens
 from influencer.scan.topk import _State
 from influencer.tasks import Task
@@ -156,58 +157,6 @@ def scan(
             self_correct=self_correct,
             progress=progress,
         )
-
-
-def _resident_store(
-    model: nn.Module,
-    task: Task,
-    inverse: Inverse,
-    queries: Any,
-    store: QueryStore | None,
-    rank: int | None,
-    out: Path | None,
-    query_digest: str,
-    progress: bool,
-    batch_size: int = 16,
-) -> QueryStore:
-    """The query store: given, loaded from the run directory, or built — once, on rank 0, then broadcast."""
-    if store is not None:
-        return store
-    described = inverse.describe()
-
-    def load_or_build() -> QueryStore:
-        if out is not None and (out / "queries.json").is_file():
-            loaded = QueryStore.load(out)
-            saved = {"queries": loaded.meta.get("queries"), "rank": loaded.rank, "inverse": loaded.meta.get("inverse")}
-            check_resume(out, "scan", saved, {"queries": query_digest, "rank": rank, "inverse": described})
-            return loaded
-        built = QueryStore.build(model, task, inverse, queries, rank=rank, batch_size=batch_size, progress=progress)
-        built.meta["queries"] = query_digest
-        if out is not None:
-            built.save(out)
-        return built
-
-    local = dist.run_collectively(load_or_build)
-    if dist.world_size() == 1:
-        assert local is not None
-        return local
-    header = dist.broadcast_object(
-        None
-        if local is None
-        else {"rank": local.rank, "n_queries": local.n_queries, "layers": list(local.layers), "meta": local.meta}
-    )
-    tensors: dict[str, torch.Tensor] = {}
-    if local is not None:
-        for x in local.layers.values():
-            tensors.update(x.tensors())
-    tensors = dist.broadcast_tensors(tensors if local is not None else None)
-    layers = {
-        name: LayerQueries(
-            name, tensors.get(f"{name}/dense"), tensors.get(f"{name}/left"), tensors.get(f"{name}/right")
-        )
-        for name in header["layers"]
-    }
-    return QueryStore(layers=layers, rank=header["rank"], n_queries=header["n_queries"], meta=header["meta"])
 
 
 def _shard_config(path: Path) -> str | None:
