@@ -69,7 +69,7 @@ from benchkit import (
     write_results,
 )
 
-TARGET_COV, TARGET_LAM = 1.2, 1.5
+TARGET_COV, TARGET_LAM = 1.2, 1.3  # Λ: issue 19 (was 1.5)
 
 
 # ------------------------------------------------------------------------------------------------ setups
@@ -88,12 +88,14 @@ def smollm2_setup(args: argparse.Namespace) -> Setup:
 # ------------------------------------------------------------------------------------------------ passes
 
 
-def make_run(setup: Setup, train: dict[str, torch.Tensor]) -> tuple[Any, dict[str, LayerFactors]]:
+def make_run(
+    setup: Setup, train: dict[str, torch.Tensor], precision: str = "float32"
+) -> tuple[Any, dict[str, LayerFactors]]:
     """The engine's fit state (``_Run``) and empty factors, exactly as ``fit_curvature`` builds them."""
     tracked = select_layers(setup.model, setup.layers)
     dataset = setup.task.as_dataset(train)
     factors = {x.name: LayerFactors(x.name, x.kind, x.d_out, x.d_in, x.bias) for x in tracked}
-    run = fit_mod._Run(setup.model, setup.task, tracked, dataset, setup.batch_size, "sampled", SEED, False)
+    run = fit_mod._Run(setup.model, setup.task, tracked, dataset, setup.batch_size, "sampled", SEED, False, precision)
     return run, factors
 
 
@@ -111,13 +113,27 @@ def covariance_pass(
     return total - eig.span("eigh"), eig.span("eigh"), factors
 
 
-def lambda_pass(setup: Setup, train: dict[str, torch.Tensor], factors: dict[str, LayerFactors]) -> Span:
-    """(c) the EK-FAC Λ pass given fitted eigenbases → time."""
-    run, _ = make_run(setup, train)
+def lambda_pass(
+    setup: Setup, train: dict[str, torch.Tensor], factors: dict[str, LayerFactors], precision: str = "float32"
+) -> Span:
+    """(c) the EK-FAC Λ pass given fitted eigenbases → time (``precision="bfloat16"``: rotations and
+    per-sequence products in bf16, as ``fit_curvature(precision="bfloat16")``)."""
+    run, _ = make_run(setup, train, precision)
     with eval_mode(setup.model):
         t0 = Span.start()
         run.ekfac_eigenvalues(factors)
         return t0.since()
+
+
+def lambda_error(factors: dict[str, LayerFactors], reference: dict[str, Any]) -> tuple[float, float]:
+    """(mean, max) over every layer's entries of |Λ − Λ_ref| / (Λ_ref + λ), λ = 0.1 × mean(Λ_ref) (the default
+    damping): the error of ``factors``' Λ as the damped inverse sees it."""
+    errs = []
+    for name, f in factors.items():
+        ref = reference[name].double()
+        errs.append(((f.lam.double() - ref).abs() / (ref + 0.1 * ref.mean())).flatten())
+    e = torch.cat(errs)
+    return float(e.mean()), float(e.max())
 
 
 def _identity_eigh(blocks: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -141,6 +157,8 @@ class Measurement:
     cov: list[Span] = field(default_factory=list)
     eigh: list[Span] = field(default_factory=list)
     lam: list[Span] = field(default_factory=list)
+    lam_bf16: list[Span] = field(default_factory=list)
+    bf16_error: tuple[float, float] | None = None  # (mean, max) of |Λ_bf16 − Λ| / (Λ + λ), the last repeat
     factors: dict[str, LayerFactors] | None = None  # from the last repeat
     end_to_end: Span | None = None
     profile: dict[str, dict[str, float]] | None = None
@@ -152,6 +170,7 @@ def measure(setup: Setup, repeats: int, log: Callable[[str], None]) -> Measureme
     floor_pass(setup, warm)
     _, _, warm_factors = covariance_pass(setup, warm, real_eigh=False)
     lambda_pass(setup, warm, warm_factors)
+    lambda_pass(setup, warm, warm_factors, "bfloat16")
     m = Measurement()
     for r in range(repeats):
         m.floor.append(timed(lambda: floor_pass(setup, setup.train)))
@@ -159,10 +178,15 @@ def measure(setup: Setup, repeats: int, log: Callable[[str], None]) -> Measureme
         m.cov.append(cov)
         m.eigh.append(eigh)
         m.lam.append(lambda_pass(setup, setup.train, factors))
+        lam32 = {name: f.lam for name, f in factors.items()}
+        m.lam_bf16.append(lambda_pass(setup, setup.train, factors, "bfloat16"))
+        m.bf16_error = lambda_error(factors, lam32)
+        for name, f in factors.items():  # the float32 Λ stays the repeat's result
+            f.lam = lam32[name]
         m.factors = factors
         log(
             f"  [{setup.name}] repeat {r + 1}/{repeats} wall (CPU): floor {_ws(m.floor[-1])}, covariance "
-            f"{_ws(cov)} + eigh {_ws(eigh)}, Λ {_ws(m.lam[-1])}"
+            f"{_ws(cov)} + eigh {_ws(eigh)}, Λ {_ws(m.lam[-1])}, Λ bf16 {_ws(m.lam_bf16[-1])}"
         )
     return m
 
@@ -262,23 +286,29 @@ def _mark(ratio: float, target: float) -> str:
 
 def results_table(rows: list[tuple[Setup, Measurement]], repeats: int) -> str:
     head = (
-        f"| setup | sequences × tokens | batch | tracked | floor (s) | covariance (s) | Λ (s) | eigh (s) "
+        f"| setup | sequences × tokens | batch | tracked | floor (s) | covariance (s) | Λ (s) | Λ bf16 (s) | eigh (s) "
         f"| covariance / floor (target ≤ {TARGET_COV}) | Λ / floor (target ≤ {TARGET_LAM}) "
-        f"| (covariance + eigh) / floor | CPU-time ratios: covariance, Λ |\n"
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"| Λ bf16 / floor (target ≤ {TARGET_LAM}) | (covariance + eigh) / floor | CPU-time ratios: covariance, Λ, "
+        "Λ bf16 |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for s, m in rows:
         n, t = s.shape
-        f, c, lam, e = (min(x.wall for x in xs) for xs in (m.floor, m.cov, m.lam, m.eigh))
-        fc, cc, lc = (min(x.cpu for x in xs) for xs in (m.floor, m.cov, m.lam))
+        f, c, lam, lb, e = (min(x.wall for x in xs) for xs in (m.floor, m.cov, m.lam, m.lam_bf16, m.eigh))
+        fc, cc, lc, bc = (min(x.cpu for x in xs) for xs in (m.floor, m.cov, m.lam, m.lam_bf16))
         n_layers = len(select_layers(s.model, s.layers))
         lines.append(
             f"| {s.name} | {n} × {t} | {s.batch_size} | {s.layers} ({n_layers} linears) | {f:.2f} | {c:.2f} "
-            f"| {lam:.2f} | {e:.2f} | {_mark(c / f, TARGET_COV)} | {_mark(lam / f, TARGET_LAM)} "
-            f"| {(c + e) / f:.2f}× | {cc / fc:.2f}×, {lc / fc:.2f}× |"
+            f"| {lam:.2f} | {lb:.2f} | {e:.2f} | {_mark(c / f, TARGET_COV)} | {_mark(lam / f, TARGET_LAM)} "
+            f"| {_mark(lb / f, TARGET_LAM)} | {(c + e) / f:.2f}× | {cc / fc:.2f}×, {lc / fc:.2f}×, {bc / fc:.2f}× |"
         )
+    errors = [
+        f"{s.name}: mean {m.bf16_error[0]:.1e}, max {m.bf16_error[1]:.1e}" for s, m in rows if m.bf16_error is not None
+    ]
     note = (
+        "\nΛ bf16 against Λ (float32), |Λ_bf16 − Λ| / (Λ + λ) with the default λ = 0.1 × mean(Λ) over every "
+        f"entry: {'; '.join(errors)}.\n"
         f"\nWall-clock times, best (min) of {repeats} repeat(s) after one warm-up; ratios divide best by best. "
         "Covariance excludes the one-off float64 eigendecompositions (column eigh, independent of N). The last "
         "column divides best process CPU times instead: it leaves out time spent waiting for a core while other "
@@ -289,14 +319,14 @@ def results_table(rows: list[tuple[Setup, Measurement]], repeats: int) -> str:
 
 def repeats_table(rows: list[tuple[Setup, Measurement]]) -> str:
     out = [
-        "| setup | floor | covariance | eigh | Λ | median cov / floor | median Λ / floor |",
-        "|---|---|---|---|---|---:|---:|",
+        "| setup | floor | covariance | eigh | Λ | Λ bf16 | median cov / floor | median Λ / floor |",
+        "|---|---|---|---|---|---|---:|---:|",
     ]
     for s, m in rows:
         fmt = lambda xs: ", ".join(f"{x.wall:.2f} ({x.cpu:.2f})" for x in xs)  # noqa: E731
         mf = statistics.median(x.wall for x in m.floor)
         out.append(
-            f"| {s.name} | {fmt(m.floor)} | {fmt(m.cov)} | {fmt(m.eigh)} | {fmt(m.lam)} "
+            f"| {s.name} | {fmt(m.floor)} | {fmt(m.cov)} | {fmt(m.eigh)} | {fmt(m.lam)} | {fmt(m.lam_bf16)} "
             f"| {statistics.median(x.wall for x in m.cov) / mf:.2f}× "
             f"| {statistics.median(x.wall for x in m.lam) / mf:.2f}× |"
         )
@@ -332,8 +362,9 @@ def report(args: argparse.Namespace, env: dict[str, str], rows: list[tuple[Setup
         "\n".join(f"- **{s.name}**: {s.description}; layers `{s.layers}`, true Fisher" for s, _ in rows) + "\n",
         "Floor = forward + `loss.backward()` of the summed next-token NLL with parameter gradients. "
         "Covariance = pass 1 (per-token A, S with sampled labels). Λ = pass 2 (EK-FAC eigenvalue correction, "
-        "per-sequence gradients in the fitted eigenbases). Both passes call `autograd.grad` on the tracked "
-        "layer outputs only (no parameter gradients).\n",
+        "per-sequence gradients in the fitted eigenbases); Λ bf16 = the same pass with "
+        "`fit_curvature(precision='bfloat16')` (rotations and per-sequence products in bf16, float32 sums). "
+        "Both passes call `autograd.grad` on the tracked layer outputs only (no parameter gradients).\n",
         results_table(rows, args.repeats),
         "Every repeat, wall (CPU) seconds:\n",
         repeats_table(rows),

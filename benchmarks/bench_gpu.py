@@ -12,8 +12,9 @@ Stages, each timed with CUDA synchronisation and its own peak-memory counter:
 - token pass: ``attribute_tokens`` over the scan's hits.
 
 Precisions: "bf16" (model weights in bf16; captured activations are upcast, factors float32, eigh float64),
-"autocast" (fp32 weights, forward/backward under ``torch.autocast(dtype=torch.bfloat16)``) and "fp32"; the
-scan's contraction runs in bf16 (``precision="bfloat16"``) under the first two, in fp32 under the last.
+"autocast" (fp32 weights, forward/backward under ``torch.autocast(dtype=torch.bfloat16)``), "mixed" (fp32 weights
+and passes; only the library's two bf16 options on) and "fp32"; the scan's contraction and the fit's Λ pass run in
+bf16 (``precision="bfloat16"``) under all but "fp32".
 ``--packed --max-len 512`` is the paper's shape (KJV packed into 512-token rows; issue 19):
 
     python benchmarks/bench_gpu.py --packed --max-len 512 --fit-seqs 256 --scan-seqs 1024 --batch 8
@@ -194,7 +195,15 @@ def run(
         with stage("floor", res, fit_tokens):
             floor_pass(model, task, fit_set, args.batch, amp)
         with stage("fit", res, fit_tokens), fit_breakdown() as parts:
-            curv = inf.fit_curvature(model, task, fit_set, layers=args.layers, batch_size=args.batch, progress=False)
+            curv = inf.fit_curvature(
+                model,
+                task,
+                fit_set,
+                layers=args.layers,
+                batch_size=args.batch,
+                progress=False,
+                precision="float32" if precision == "fp32" else "bfloat16",
+            )
         res["fit"]["parts"] = parts  # type: ignore[assignment]
         log("  fit parts: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
         with stage("store", res, int(queries["input_ids"].numel())):
@@ -268,7 +277,7 @@ def markdown(args: argparse.Namespace, runs: list[dict[str, Any]], env: dict[str
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--random-init", action="store_true", help="SmolLM2-135M-Instruct architecture with random weights")
-    p.add_argument("--precisions", default="bf16,autocast,fp32")
+    p.add_argument("--precisions", default="bf16,autocast,fp32", help="comma-separated: bf16, autocast, mixed, fp32")
     p.add_argument("--fit-seqs", type=int, default=2048)
     p.add_argument("--scan-seqs", type=int, default=8192)
     p.add_argument("--max-len", type=int, default=64)
@@ -280,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="also write the raw numbers here")
     p.add_argument("--markdown", default=None, help="also write the markdown section here")
     args = p.parse_args(argv)
+    unknown = set(args.precisions.split(",")) - {"bf16", "autocast", "mixed", "fp32"}
+    if unknown:
+        p.error(f"unknown precision(s) {sorted(unknown)}: choose from bf16, autocast, mixed, fp32")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
     if not torch.cuda.is_available():

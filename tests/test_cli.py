@@ -519,6 +519,14 @@ def test_fit_options_packing_and_strategy(ws, tmp_path):
     assert all(f.damping == 0.01 for f in curv.layers.values())
 
 
+def test_fit_precision_bfloat16_is_recorded(ws, tmp_path):
+    run = tmp_path / "bf16"
+    ok(invoke("fit", ws.model, ws.train, "--out", run, "--sequences", "4", "--precision", "bfloat16"))
+    assert json.loads((run / "run.json").read_text())["fit"]["precision"] == "bfloat16"
+    curv = inf.Curvature.load(run / "curvature")
+    assert curv.precision == "bfloat16" and curv.complete
+
+
 def test_truncation_is_reported(ws, tmp_path):
     out = ok(invoke("fit", ws.model, ws.train, "--out", tmp_path / "run", "--max-length", "16"))
     assert re.search(r"\d+ sequences longer than 16 tokens lost their end", out)

@@ -1,5 +1,6 @@
 """CUDA (skipped without a GPU): fits, scans and query refinement on the GPU equal the CPU ones; bf16 autocast
-runs and stays close; a 2-process group with the model on the GPU equals one CPU process."""
+runs and stays close, as do the bf16 precisions of the fit and the scan; a 2-process group with the model on the
+GPU equals one CPU process."""
 
 from __future__ import annotations
 
@@ -73,6 +74,22 @@ def test_bf16_autocast_runs_and_stays_close(both) -> None:
     corr = torch.corrcoef(torch.stack([result.scores.flatten(), full.scores.flatten()]))[0, 1]
     print(f"\nbf16 autocast vs float32: operator error {_operator_error(curv, ref):.3f}, score Pearson {corr:.4f}")
     assert corr > 0.95  # bf16 rounding of the activations perturbs small eigenvalues, not the scores
+
+
+def test_bf16_precision_on_the_gpu_stays_close(both) -> None:
+    """fit(precision="bfloat16") and scan(precision="bfloat16") on the GPU (the batched Λ kernel): within the CPU
+    bounds of tests/test_precision.py."""
+    _, gpu, task, train, queries = both
+    ref = inf.fit_curvature(gpu, task, train, fisher="empirical", progress=False)
+    low = inf.fit_curvature(gpu, task, train, fisher="empirical", precision="bfloat16", progress=False)
+    err = torch.cat(
+        [((low.layers[n].lam - f.lam).abs() / (f.lam + f.damping)).flatten() for n, f in ref.layers.items()]
+    )
+    assert float(err.mean()) < 1e-2 and float(err.max()) < 0.1
+    kw = dict(rank=None, top_k=5, keep_scores=True, tokens=False, progress=False)
+    s_ref = inf.scan(gpu, task, ref, queries, train, **kw).scores
+    s_low = inf.scan(gpu, task, low, queries, train, precision="bfloat16", **kw).scores
+    assert float(((s_low - s_ref).norm(dim=1) / s_ref.norm(dim=1)).max()) < 2e-2
 
 
 def test_two_processes_on_the_gpu_equal_one_cpu_process(tmp_path: Path) -> None:

@@ -258,3 +258,27 @@ def test_batched_squared_grads_equal_the_per_example_loop(tokens_first: bool, bl
         linalg.accumulate_squared_grads(loop, a, g, *bases, batched=False)
         linalg.accumulate_squared_grads(batched, a, g, *bases, batched=True)
         torch.testing.assert_close(batched, loop, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("tokens_first", [True, False])
+def test_squared_grads_in_bfloat16_accumulate_in_the_sums_dtype(batched: bool, tokens_first: bool) -> None:
+    """bf16 inputs and bases (fit precision="bfloat16"), float32 sums: both kernels, both rotation orders, within
+    bf16 rounding of the float64 result (relative to its largest entry)."""
+    from influencer.curvature import linalg
+
+    gen = torch.Generator().manual_seed(8)
+    t = 2 if tokens_first else 40
+    a = torch.randn(5, t, 6, dtype=torch.float64, generator=gen)
+    g = torch.randn(5, t, 4, dtype=torch.float64, generator=gen)
+    qs = [torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=gen))[0]]
+    qa = [torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=gen))[0]]
+    exact = torch.zeros(6, 4, dtype=torch.float64)
+    linalg.accumulate_squared_grads(exact, a, g, qs, qa)
+    low = torch.zeros(6, 4, dtype=torch.float32)
+    b16 = torch.bfloat16
+    linalg.accumulate_squared_grads(
+        low, a.to(b16), g.to(b16), [q.to(b16) for q in qs], [q.to(b16) for q in qa], batched=batched
+    )
+    assert low.dtype == torch.float32
+    assert float((low.double() - exact).abs().max() / exact.abs().max()) < 3e-2

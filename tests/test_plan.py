@@ -140,3 +140,18 @@ def test_suggestions_fit_the_budget(small) -> None:
     blocks = tight.suggestions["blocks"]
     assert blocks is not None and blocks > 1
     assert fit_peak(plan(model, task, "mlp", blocks=blocks, calibrate=False, **kw)) <= budget
+
+
+def test_fused_scan_counts_its_stacks(small) -> None:
+    """fuse_layers=True (the CUDA default) adds the stacked ā, g of the largest same-shape group (here every
+    block's gate_proj and up_proj: [d_out 64, w 32]) to the scan stage, and that group's token products."""
+    model, task = small
+    kw = {"seq_len": 16, "n_queries": 4, "rank": 4, "batch_size": 2, "calibrate": False, "runtime": 0}
+    apart = plan(model, task, "mlp", fuse_layers=False, **kw).stage("scan").parts
+    fused = plan(model, task, "mlp", fuse_layers=True, **kw).stage("scan").parts
+    layers = inf.layers.select_layers(model, "mlp")
+    n = sum((x.d_out, x.width) == (64, 32) for x in layers)
+    assert n >= 2 and apart["fused stacks"] == 0
+    assert fused["fused stacks"] == n * 2 * 16 * (64 + 32) * 4
+    assert fused["token products"] == n * apart["token products"]
+    assert plan(model, task, "mlp", **kw).stage("scan").parts["fused stacks"] == 0  # CPU: not fused by default

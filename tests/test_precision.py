@@ -83,3 +83,71 @@ def test_bf16_weights_true_fisher(setup) -> None:
         assert run.scores is not None and run.scores.dtype == torch.float32
         scores.append(run.scores)
     assert _pearson(scores[1], scores[0]) > 0.95
+
+
+# --- the fit's Λ pass in bfloat16 (fit_curvature(precision="bfloat16")) --------------------------------------
+
+
+def _lambda_errors(low: inf.Curvature, ref: inf.Curvature) -> tuple[float, float]:
+    """(mean, max) over all layers and entries of |Λ_bf16 − Λ| / (Λ + λ): the error as the inverse sees it."""
+    errs = [((low.layers[n].lam - f.lam).abs() / (f.lam + f.damping)).flatten() for n, f in ref.layers.items()]
+    e = torch.cat(errs)
+    return float(e.mean()), float(e.max())
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_fit_lambda_pass_in_bf16_is_close_to_float32(setup, blocks) -> None:
+    """Stated bound on this model: Λ within 1 % of Λ + λ on average (10 % at the worst entry; SmolLM2 measures
+    5e-4 and 11 %, benchmarks/bench_fit.py) and scores within 1 % of the float32 fit's, with the same eigenbases
+    (the covariance pass does not change) and float32 factors."""
+    model, task, train, queries, _ = setup
+    ref = inf.fit_curvature(model, task, train, fisher="empirical", blocks=blocks, progress=False)
+    low = inf.fit_curvature(model, task, train, fisher="empirical", blocks=blocks, precision="bfloat16", progress=False)
+    assert low.precision == "bfloat16" and ref.precision == "float32"
+    for name, f in ref.layers.items():
+        g = low.layers[name]
+        assert g.lam is not None and g.lam.dtype == torch.float32
+        assert all(torch.equal(x, y) for x, y in zip(f.qa + f.qs, g.qa + g.qs, strict=True))
+    mean, worst = _lambda_errors(low, ref)
+    assert mean < 1e-2 and worst < 0.1, (mean, worst)
+    kw = dict(rank=None, top_k=5, keep_scores=True, tokens=False, progress=False)
+    s_ref = inf.scan(model, task, ref, queries, train, **kw).scores
+    s_low = inf.scan(model, task, low, queries, train, **kw).scores
+    assert s_ref is not None and s_low is not None
+    rel = (s_low - s_ref).norm(dim=1) / s_ref.norm(dim=1)
+    assert float(rel.max()) < 1e-2, rel
+
+
+def test_fit_precision_is_recorded_resumed_and_checked(setup, tmp_path) -> None:
+    """The precision is saved with the curvature, part of a resumable fit's settings and of a partition's."""
+    model, task, train, _, _ = setup
+    curv = inf.fit_curvature(model, task, train, precision="bfloat16", out_dir=tmp_path / "fit", progress=False)
+    assert inf.Curvature.load(tmp_path / "fit" / "curvature").precision == "bfloat16"
+    with pytest.raises(ValueError, match="precision"):
+        inf.fit_curvature(model, task, train, out_dir=tmp_path / "fit", progress=False)  # float32 ≠ recorded
+    again = inf.fit_curvature(model, task, train, precision="bfloat16", out_dir=tmp_path / "fit", progress=False)
+    for name, f in curv.layers.items():
+        assert torch.equal(f.lam, again.layers[name].lam)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        inf.fit_curvature(model, task, train, precision="float16", progress=False)
+    # diagonal: the per-sequence squares in bf16 too
+    diag = inf.fit_curvature(model, task, train, strategy="diagonal", precision="bfloat16", progress=False)
+    ref = inf.fit_curvature(model, task, train, strategy="diagonal", progress=False)
+    assert _lambda_errors(diag, ref)[0] < 1e-2
+    # partitions of one fit must agree on it
+    half = len(train) // 2
+    a = inf.fit_partition(
+        model, task, train, tmp_path / "p0", data_range=(0, half), strategy="diagonal", progress=False
+    )
+    b = inf.fit_partition(
+        model,
+        task,
+        train,
+        tmp_path / "p1",
+        data_range=(half, len(train)),
+        strategy="diagonal",
+        precision="bfloat16",
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="differ in precision"):
+        inf.merge_fit([a, b])

@@ -116,6 +116,7 @@ def test_run_fit_and_scan_from_python_match_the_command_line(ws, tmp_path) -> No
         (lambda m, d, o: Run.fit(m, d, o, damping=-1.0), "damping", "≥ 0"),
         (lambda m, d, o: Run.fit(m, d, o, batch_size=0), "batch_size", "≥ 1"),
         (lambda m, d, o: Run.fit(m, d, o, layers=""), "layers", "empty"),
+        (lambda m, d, o: Run.fit(m, d, o, precision="fp8"), "precision", "float32 or bfloat16"),
         (lambda m, d, o: Run.fit(m, d, o, memory_budget="lots"), "memory_budget", "memory_budget"),
         (lambda m, d, o: Run.fit(m, d, o, memory_budget=1 << 20), None, "would peak at"),
         (lambda m, d, o: Run.fit(m, d, o, data_options={"packing": True, "max_length": None}), "max_length", "packing"),

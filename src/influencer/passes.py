@@ -61,6 +61,17 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+#: the precisions of the per-sequence math (scan contraction, fit Λ pass): name → dtype (None: the model's)
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def work_dtype(precision: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a ``precision`` runs in, beside the compute dtype (``"float32"`` keeps ``dtype``: float64 tests)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision] or dtype
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Run with dropout off; restore the previous train/eval mode afterwards."""

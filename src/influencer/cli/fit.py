@@ -16,6 +16,7 @@ from influencer.cli._options import (
     DtypeChoice,
     FisherChoice,
     FormatChoice,
+    PrecisionChoice,
     StrategyChoice,
     TruncationChoice,
     UnitChoice,
@@ -139,6 +140,14 @@ def fit(
         rich_help_panel=_CURV,
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled labels.", rich_help_panel=_CURV),
+    precision: PrecisionChoice = typer.Option(
+        PrecisionChoice.float32,
+        "--precision",
+        help="Precision of the EK-FAC Λ pass (rotations into the eigenbases, per-sequence products): float32, or "
+        "bfloat16 (float32 sums; Λ within ~0.1 %% of Λ + λ on average, several times faster matmuls on GPUs "
+        "and CPUs with AVX512-BF16/AMX).",
+        rich_help_panel=_CURV,
+    ),
     checkpoint_every: int = typer.Option(
         1024,
         "--checkpoint-every",
@@ -202,6 +211,7 @@ def fit(
             checkpoint_every=checkpoint_every,
             device=device,
             dtype=_value(dtype),
+            precision=_value(precision),
             memory_budget=memory_budget,
             hooks=_hooks(console, timer),
         )

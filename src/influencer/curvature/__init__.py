@@ -7,8 +7,8 @@ from influencer.curvature.core import (
     CurvatureMismatchError,
     Inverse,
     LayerFactors,
-    model_fingerprint,
 )
+from influencer.curvature.fingerprint import model_fingerprint
 from influencer.curvature.fit import fit_curvature
 from influencer.curvature.partitions import fit_partition, merge_fit
 

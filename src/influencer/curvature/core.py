@@ -10,7 +10,6 @@ For a layer with gradient matrix V [d_out, w]:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import uuid
@@ -21,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from influencer.curvature.fingerprint import model_fingerprint
 from influencer.curvature.linalg import (
     from_eigenbasis,
     per_example_grads,
@@ -120,7 +120,8 @@ class Curvature:
     Attributes: ``strategy`` (identity/diagonal/kfac/ekfac), ``fisher`` (true/empirical), ``blocks``,
     ``n_fit`` (sequences the factors were fitted on), ``n_train`` (training-set size N used for per-copy units;
     defaults to n_fit, set it to the model's real training-set size), ``damping`` (None = factor × mean(Λ) per
-    layer, or one absolute value), ``damping_factor``, ``layers`` (name → LayerFactors), ``fingerprint``.
+    layer, or one absolute value), ``damping_factor``, ``layers`` (name → LayerFactors), ``fingerprint``,
+    ``seed``, ``precision`` (of the per-sequence Λ pass: "float32", or "bfloat16" — see :func:`fit_curvature`).
     """
 
     strategy: str
@@ -133,6 +134,7 @@ class Curvature:
     layers: dict[str, LayerFactors]
     fingerprint: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    precision: str = "float32"
 
     # --- math ------------------------------------------------------------------------------------------
     def inverse_diagonal(self, name: str, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
@@ -277,6 +279,7 @@ class Curvature:
             "damping": self.damping,
             "damping_factor": self.damping_factor,
             "seed": self.seed,
+            "precision": self.precision,
             "fingerprint": self.fingerprint,
             "layer_order": list(self.layers),
             "layers": {
@@ -375,6 +378,7 @@ class Curvature:
             layers=layers,
             fingerprint=m["fingerprint"],
             seed=m.get("seed", 0),
+            precision=m.get("precision", "float32"),
         )
         return curv
 
@@ -392,31 +396,3 @@ def resolve_damping(strategy: str, lam: torch.Tensor | None, damping: float | No
     assert lam is not None
     value = factor * float(lam.to(torch.float64).mean())
     return value if value > 0 else 1e-12
-
-
-def weight_sample(layer: Layer) -> torch.Tensor:
-    """A strided sample (≤ 4096 values) of a tracked weight in [d_out, d_in] orientation, rounded to bfloat16 (so
-    float32/bfloat16/float64 copies of the same weights agree); the input of :func:`model_fingerprint`."""
-    w = layer.module.weight.detach()
-    if layer.kind == "conv1d":
-        w = w.T
-    flat = w.reshape(-1)
-    step = max(1, flat.numel() // 4096)
-    return flat[::step][:4096].to(torch.bfloat16).to(torch.float32).cpu().contiguous()
-
-
-def fingerprint_from_samples(shapes: dict[str, list], samples: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The fingerprint of layers given their shapes [d_out, d_in, bias] and weight samples, in ``shapes`` order
-    (lets a merge of partitions fitted on layer groups rebuild the fingerprint of a single fit)."""
-    h = hashlib.sha256()
-    for name, (d_out, d_in, bias) in shapes.items():
-        h.update(name.encode())
-        h.update(str((d_out, d_in, bias)).encode())
-        h.update(samples[name].numpy().tobytes())
-    return {"digest": h.hexdigest(), "layers": {n: list(v) for n, v in shapes.items()}}
-
-
-def model_fingerprint(layers: list[Layer]) -> dict[str, Any]:
-    """Layer names/shapes and a digest of a strided sample of each tracked weight (see :func:`weight_sample`)."""
-    shapes = {x.name: [x.d_out, x.d_in, x.bias] for x in layers}
-    return fingerprint_from_samples(shapes, {x.name: weight_sample(x) for x in layers})

@@ -97,6 +97,8 @@ def accumulate_squared_grads(
     [w, d_out] product stays in cache, about 3× faster than a batched matmul followed by square-and-sum.
     Rotation order follows :func:`rotate_tokens_first`; ``rotated_a`` may pass a precomputed ā Q_A.
     batched: batched matmuls over chunks of examples instead (default: on CUDA, where launches dominate).
+    a, g and the bases may be in a lower precision than ``acc_t`` (bfloat16): products are squared and summed in
+    ``acc_t``'s dtype.
     """
     rotated = qs is not None and qa is not None
     tokens_first = rotated and rotate_tokens_first(a.shape[1], g.shape[2], a.shape[2])
@@ -109,12 +111,13 @@ def accumulate_squared_grads(
             x = torch.bmm(a[lo : lo + step].mT, g[lo : lo + step])  # [b, w, d_out]
             if rotated and not tokens_first:
                 x = to_eigenbasis(x.mT, qs, qa).mT  # type: ignore[arg-type]
-            acc_t.add_(x.square_().sum(0))
+            acc_t.add_(x.to(acc_t.dtype).square_().sum(0))
         return
     for b in range(a.shape[0]):
         x = a[b].T @ g[b]
         if rotated and not tokens_first:
             x = to_eigenbasis(x.T, qs, qa).T  # type: ignore[arg-type]
+        x = x.to(acc_t.dtype)  # a no-op unless the products ran in a lower precision (bfloat16)
         acc_t.addcmul_(x, x)
 
 

@@ -17,13 +17,8 @@ from torch import nn
 
 from influencer import distributed as dist
 from influencer.curvature.checkpoint import _Checkpoint, _clear_partials
-from influencer.curvature.core import (
-    Curvature,
-    LayerFactors,
-    fingerprint_from_samples,
-    resolve_damping,
-    weight_sample,
-)
+from influencer.curvature.core import Curvature, LayerFactors, resolve_damping
+from influencer.curvature.fingerprint import fingerprint_from_samples, weight_sample
 from influencer.curvature.fit import DEFAULT_CHECKPOINT_EVERY, _check_options
 from influencer.curvature.linalg import (
     split_sizes,
@@ -75,6 +70,7 @@ def fit_partition(
     seed: int = 0,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     progress: bool = True,
+    precision: str = "float32",
 ) -> Path:
     """One fitting stage over sequences ``data_range`` = (start, stop) of ``train`` and the layers ``layers``;
     saves the raw sums and counts in ``out_dir`` (``partition.json`` + ``sums.safetensors``) and returns it.
@@ -82,7 +78,7 @@ def fit_partition(
     The stage follows from the strategy: ``diagonal`` → Λ in the standard basis; ``kfac`` → covariances;
     ``ekfac`` → covariances, or, with ``basis`` (the eigenbases-only :class:`Curvature` that :func:`merge_fit` of
     the covariance partitions returns, or its directory), the eigenvalues Λ in that basis. Every partition of
-    one fit must use the same strategy, fisher, blocks, seed and training set. Partitions can run as separate
+    one fit must use the same strategy, fisher, blocks, seed, precision and training set. Partitions can run as separate
     jobs (and each under torchrun); the call is resumable like ``fit_curvature(out_dir=...)`` and returns at once
     when the partition is already complete.
     """
@@ -116,9 +112,8 @@ def fit_partition(
     else:
         stage = kind.first_stage
         basis_id = None
-    fit = _Fit(
-        model, task, tracked, dataset, batch_size, "sampled" if fisher == "true" else "train", seed, progress, blocks
-    )
+    loss = "sampled" if fisher == "true" else "train"
+    fit = _Fit(model, task, tracked, dataset, batch_size, loss, seed, progress, blocks, precision)
     module_index = {x.name: i for i, x in enumerate(candidate_layers(model))}
     samples = {x.name: weight_sample(x) for x in tracked}
     config = {
@@ -146,6 +141,8 @@ def fit_partition(
             for x in tracked
         },
     }
+    if precision != "float32":  # absent = float32 (partitions written before the option agree)
+        config["precision"] = precision
     out = Path(out_dir)
     ledger = Ledger(out / _PARTITION, "fit partition", config, format="influencer.fit_partition", version=2)
     with dist.locked(out, purpose="fit_partition"):
@@ -224,8 +221,10 @@ def merge_fit(
         raise ValueError("merge_fit needs at least one partition")
     parts = [_load_partition(Path(p)) for p in paths]
     first = parts[0].meta
+    for p in parts:
+        p.meta.setdefault("precision", "float32")  # partitions written before the option
     for p in parts[1:]:
-        for key in ("stage", "strategy", "fisher", "blocks", "seed", "n_dataset", "dtype"):
+        for key in ("stage", "strategy", "fisher", "blocks", "seed", "n_dataset", "dtype", "precision"):
             if p.meta[key] != first[key]:
                 raise ValueError(
                     f"partitions '{parts[0].path}' and '{p.path}' differ in {key} "
@@ -317,4 +316,5 @@ def merge_fit(
         layers=factors,
         fingerprint=fingerprint,
         seed=first["seed"],
+        precision=first["precision"],
     )

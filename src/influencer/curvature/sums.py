@@ -23,7 +23,7 @@ from influencer.curvature.linalg import (
 )
 from influencer.curvature.strategies import strategy as strategy_record
 from influencer.layers import Layer
-from influencer.passes import batches, compute_dtype, layer_io, model_device
+from influencer.passes import batches, compute_dtype, layer_io, model_device, work_dtype
 from influencer.progress import progress_bar
 from influencer.tasks import Task
 
@@ -58,8 +58,17 @@ class _Sums:
     (``<name>/sq``). Counts: unmasked tokens per layer and sequences.
     """
 
-    def __init__(self, stage: str, shapes: list[_Shape], blocks: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        stage: str,
+        shapes: list[_Shape],
+        blocks: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        work: torch.dtype | None = None,
+    ):
         self.stage, self.shapes, self.blocks, self.dtype, self.device = stage, shapes, blocks, dtype, device
+        self.work = work or dtype  # per-sequence stages: rotations and products in this dtype, sums in ``dtype``
         self.sizes = {x.name: (split_sizes(x.width, blocks), split_sizes(x.d_out, blocks)) for x in shapes}
         self.tokens = {x.name: 0 for x in shapes}
         self.sequences = 0
@@ -87,8 +96,8 @@ class _Sums:
             if f.qa is None or f.qs is None:
                 raise ValueError(f"layer '{x.name}' has no eigenbasis: fit the covariance stage first")
             self.bases[x.name] = (
-                [q.to(self.device, self.dtype) for q in f.qs],
-                [q.to(self.device, self.dtype) for q in f.qa],
+                [q.to(self.device, self.work) for q in f.qs],
+                [q.to(self.device, self.work) for q in f.qa],
             )
             self._qa_ids[x.name] = id(f.qa[0])
 
@@ -139,7 +148,7 @@ class _Sums:
         rotated = self.stage == "eigenvalues"
         rotated_inputs: dict[tuple[int, int], torch.Tensor] = {}  # (id ā, id Q_A) → ā Q_A, shared inputs
         for name, x in io.items():
-            a, g = x.a.to(self.dtype), x.g.to(self.dtype)
+            a, g = x.a.to(self.work), x.g.to(self.work)
             qs, qa = self.bases[name] if rotated else (None, None)
             rotated_a = None
             if rotated and rotate_tokens_first(a.shape[1], g.shape[2], a.shape[2]):
@@ -216,10 +225,12 @@ class _Fit:
         seed: int,
         progress: bool,
         blocks: int,
+        precision: str = "float32",
     ):
         self.model, self.task, self.layers, self.dataset = model, task, layers, dataset
         self.batch_size, self.loss, self.seed, self.progress, self.blocks = batch_size, loss, seed, progress, blocks
         self.dtype = compute_dtype(model)
+        self.work = work_dtype(precision, self.dtype)
         self.device = model_device(model)
         self.shapes = [_Shape(x.name, x.d_out, x.width) for x in layers]
 
@@ -233,7 +244,8 @@ class _Fit:
         checkpoint: _Checkpoint | None = None,
     ) -> _Sums:
         """Sums of ``stage`` over sequences [lo, hi) — this rank's share of them, then all-reduced."""
-        sums = _Sums(stage, self.shapes, self.blocks, self.dtype, self.device)
+        work = self.work if stage != "covariance" else None
+        sums = _Sums(stage, self.shapes, self.blocks, self.dtype, self.device, work)
         if stage == "eigenvalues":
             assert bases is not None
             sums.set_bases(bases)
@@ -278,13 +290,15 @@ class _Run:
         loss: str,
         seed: int,
         progress: bool,
+        precision: str = "float32",
     ):
         self.args = (model, task, layers, dataset, batch_size, loss, seed, progress)
+        self.precision = precision
         self.dtype = compute_dtype(model)
         self.n = len(dataset)
 
     def _accumulate(self, stage: str, blocks: int, factors: dict[str, LayerFactors]) -> _Sums:
-        return _Fit(*self.args, blocks).accumulate(stage, 0, self.n, bases=factors)
+        return _Fit(*self.args, blocks, self.precision).accumulate(stage, 0, self.n, bases=factors)
 
     def covariance(self, factors: dict[str, LayerFactors], blocks: int) -> None:
         _finish_stage("covariance", self._accumulate("covariance", blocks, factors), factors, "ekfac", self.dtype)

@@ -95,6 +95,14 @@ def check_count(parameter: str, value: int | None, *, at_least: int = 1) -> None
         raise RequestError(f"{{}} must be ≥ {at_least}, got {value}", parameter)
 
 
+def check_precision(precision: str) -> None:
+    """Refuse a precision other than float32 / bfloat16."""
+    from influencer.passes import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise RequestError(f"{{}} takes {' or '.join(PRECISIONS)}, got {precision!r}", "precision")
+
+
 def select_layers_checked(model: Any, spec: str) -> list[Any]:
     """The tracked layers ``spec`` names in ``model`` (a preset or a regex); RequestError about ``layers``."""
     from influencer.layers import select_layers

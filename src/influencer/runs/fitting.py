@@ -18,6 +18,7 @@ from influencer.runs.checks import (
     check_count,
     check_layers_early,
     check_number,
+    check_precision,
     guard_memory,
     load_model_timed,
     model_source,
@@ -46,6 +47,7 @@ def fit_run(
     checkpoint_every: int = 1024,
     device: str = "auto",
     dtype: str = "float32",
+    precision: str = "float32",
     memory_budget: int | str | None = "auto",
     hooks: RunHooks | None = None,
 ) -> paths.Path:
@@ -64,6 +66,7 @@ def fit_run(
         for name, value in (("blocks", blocks), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
             check_count(name, value)
         check_count("n_train", n_train)
+        check_precision(precision)
         budget = parse_budget(memory_budget)
         target = paths.check_fit_target(out, overwrite=overwrite) if dist.is_main() else Path(out).expanduser()
         settings = dict(data) if isinstance(data, dict) else data_settings(data)
@@ -125,6 +128,7 @@ def fit_run(
                 out_dir=partial,
                 checkpoint_every=checkpoint_every,
                 progress=hooks.progress,
+                precision=precision,
             )
         record = {
             "format": paths.FORMAT,
@@ -148,6 +152,7 @@ def fit_run(
                 "damping_factor": damping_factor,
                 "blocks": blocks,
                 "seed": seed,
+                "precision": precision,
                 "batch_size": batch_size,
                 "n_fit": curv.n_fit,
                 "n_train": curv.n_train,

@@ -60,6 +60,7 @@ class Run:
         checkpoint_every: int = 1024,
         device: str = "auto",
         dtype: str = "float32",
+        precision: str = "float32",
         memory_budget: int | str | None = "auto",
         hooks: RunHooks | None = None,
     ) -> Run:
@@ -69,7 +70,8 @@ class Run:
         ``data_options``: how the data is read and tokenized (:func:`influencer.runs.data_settings`: format,
         field, text_unit, split, sequences, max_length, packing, truncation, bos, eos). ``layers``: a preset
         (mlp, attention, all) or a regex of module names; ``strategy`` / ``fisher`` / ``damping`` /
-        ``damping_factor`` / ``blocks`` / ``n_train`` / ``seed``: as :func:`influencer.fit_curvature`.
+        ``damping_factor`` / ``blocks`` / ``n_train`` / ``seed`` / ``precision`` (of the Λ pass: "float32" or
+        "bfloat16"): as :func:`influencer.fit_curvature`.
         ``memory_budget``: "auto" (the memory available), "off", a size such as "20GB" or bytes; the planned
         peak is checked against it before the fit starts. Everything is checked before the model's weights are
         read; a killed fit resumes from its last checkpoint (every ``checkpoint_every`` sequences) when called
@@ -96,6 +98,7 @@ class Run:
             checkpoint_every=checkpoint_every,
             device=device,
             dtype=dtype,
+            precision=precision,
             memory_budget=memory_budget,
             hooks=hooks,
         )

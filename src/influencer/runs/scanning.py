@@ -16,6 +16,7 @@ from influencer.runs.checks import (
     RunHooks,
     check_count,
     check_positions,
+    check_precision,
     guard_memory,
     load_model_timed,
     model_source,
@@ -143,8 +144,7 @@ def scan_run(
     for name, value in (("prefilter", prefilter), ("n_train", n_train), ("refine_sequences", refine_sequences)):
         check_count(name, value)
     check_count("rank", rank, at_least=0)
-    if precision not in ("float32", "bfloat16"):
-        raise RequestError(f"{{}} takes float32 or bfloat16, got {precision!r}", "precision")
+    check_precision(precision)
     if refine_sequences is not None and steps == 0:
         raise RequestError("{} sets the refinement sample; it needs refine auto or N ≥ 1", "refine_sequences")
     budget = parse_budget(memory_budget)

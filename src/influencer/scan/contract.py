@@ -9,8 +9,6 @@ from influencer.queries import LayerQueries, QueryStore
 
 #: extra memory the scan may spend on dense copies of rank-k queries to use the cheaper contraction order
 DEFAULT_DENSE_BUDGET = 1 << 30
-#: the contraction's precision (scan's ``precision``): "float32" is the model's compute dtype
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 #: working memory for a chunk of materialized per-sequence gradients
 _MATERIALIZE_CHUNK_BYTES = 256 << 20
 

@@ -18,11 +18,11 @@ from influencer.curvature.core import Inverse
 from influencer.io import atomic_save_tensors, load_tensors
 from influencer.layers import Layer
 from influencer.ledger import Ledger, examples_digest
-from influencer.passes import amp_aware, compute_dtype, eval_mode
+from influencer.passes import PRECISIONS, amp_aware, compute_dtype, eval_mode, work_dtype
 from influencer.progress import progress_bar
 from influencer.queries import QueryStore
 from influencer.refine_plan import default_inverse
-from influencer.scan.contract import DEFAULT_DENSE_BUDGET, PRECISIONS, _choose_modes, _LayerScorer, _Scoring
+from influencer.scan.contract import DEFAULT_DENSE_BUDGET, _choose_modes, _LayerScorer, _Scoring
 from influencer.scan.result import ScanResult
 from influencer.scan.shard import (
     _candidates,
@@ -243,7 +243,7 @@ def _scan(
         1.0, sum(f.tokens for f in curvature.layers.values()) / max(1, len(curvature.layers)) / max(1, curvature.n_fit)
     )
     modes = _choose_modes(layers, store, t_mean, dense_budget, contraction)
-    work = dtype if precision == "float32" else PRECISIONS[precision]
+    work = work_dtype(precision, dtype)
     scorers = [_LayerScorer(x, store.layers[x.name], modes[x.name], work, device, out_dtype=dtype) for x in layers]
     fuse = device.type == "cuda" if fuse_layers is None else fuse_layers
     scoring = _Scoring(scorers, fuse=fuse)

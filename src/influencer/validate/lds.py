@@ -27,7 +27,8 @@ from torch import Tensor
 import influencer as inf
 from influencer.functional import FlatModel
 from influencer.io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json
-from influencer.validate.experiment import _indices, _jsonable, _save_figure, mean_eigenvalue
+from influencer.validate.experiment import _indices, mean_eigenvalue
+from influencer.validate.outputs import _jsonable, _save_figure
 from influencer.validate.reference import exact_ihvp, scores_from_ihvp, train_gradients
 from influencer.validate.setups import Setup, load_setup
 from influencer.validate.stats import mean_std, spearman

