@@ -16,11 +16,18 @@ each side's ratio is its cost in training passes; the ratio of the two sides is 
 (``make bench-deps``); never imported by the library.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_kronfluence.py --write
+
+``--setup smollm2`` runs the paper's shape instead: SmolLM2-135M-Instruct (de-quantized from a 4-bit GGUF), its 90
+MLP linears, KJV packed into ``--max-len`` (512) token rows, queries = the first 24 tokens of the next rows:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_kronfluence.py --setup smollm2 --rows 16 --batch 4 \
+        --query-batch 16 --write
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import shlex
 import sys
 import tempfile
@@ -32,7 +39,18 @@ import torch.nn.functional as F
 
 import influencer as inf
 
-from benchkit import SEED, Setup, environment, floor_pass, full_rows, random_rows, tiny_llama, write_results
+from benchkit import (
+    SEED,
+    Setup,
+    environment,
+    floor_pass,
+    full_rows,
+    random_rows,
+    smollm2_packed,
+    subset,
+    tiny_llama,
+    write_results,
+)
 
 PROMPT, QUERY_LEN = 12, 24
 # the contraction's precision: ours (scan(precision=...)) / theirs (per-sample gradients and scores in that dtype)
@@ -100,8 +118,12 @@ def best(fn: Any, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setup", choices=("tiny", "smollm2"), default="tiny")
     p.add_argument("--rows", type=int, default=1024)
+    p.add_argument("--max-len", type=int, default=None, help="row length (default: 64 tiny, 512 smollm2)")
+    p.add_argument("--batch", type=int, default=32, help="training rows per batch, both libraries")
     p.add_argument("--queries", type=int, default=64)
+    p.add_argument("--query-batch", type=int, default=None, help="queries per batch, both libraries (default: all)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -110,14 +132,26 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(SEED)
     env = environment()
-    model, desc = tiny_llama(4096, 64)
-    train_ids = random_rows(4096, args.rows, 64)
-    setup = Setup("tiny", desc, model, inf.CausalLM(pad_token_id=0), full_rows(train_ids), 32)
-    q_ids = random_rows(4096, args.queries, QUERY_LEN, seed=SEED + 1)
+    length = args.max_len or (64 if args.setup == "tiny" else 512)
+    q_batch = args.query_batch or args.queries
+    if args.setup == "tiny":
+        model, desc = tiny_llama(4096, length)
+        train_ids = random_rows(4096, args.rows, length)
+        setup = Setup("tiny", desc, model, inf.CausalLM(pad_token_id=0), full_rows(train_ids), args.batch)
+        q_ids = random_rows(4096, args.queries, QUERY_LEN, seed=SEED + 1)
+        data_desc = f"{args.rows} random training rows × {length} tokens"
+    else:
+        _, packed = smollm2_packed(args.rows + args.queries, length, args.batch)
+        model, desc = packed.model, packed.description
+        train_ids = packed.train["input_ids"][: args.rows]
+        setup = Setup("smollm2", desc, model, packed.task, subset(packed.train, args.rows), args.batch)
+        q_ids = packed.train["input_ids"][args.rows :, :QUERY_LEN].contiguous()
+        data_desc = f"{args.rows} training rows × {length} tokens"
+    n_layers = len(inf.select_layers(model, "mlp"))
     queries = {"input_ids": q_ids, "prompt_length": torch.full((args.queries,), PROMPT)}
     layers = [x.name for x in inf.select_layers(model, "mlp")]
 
-    floor_pass(setup, {k: v[:64] for k, v in setup.train.items()})  # warm-up
+    floor_pass(setup, subset(setup.train, min(args.rows, 2 * args.batch)))  # warm-up
     floor = best(lambda: floor_pass(setup, setup.train), max(2, args.repeats))
     log(f"floor {floor:.2f} s")
 
@@ -125,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     curv_box: list[Any] = []
     ours["fit"] = best(
         lambda: curv_box.append(
-            inf.fit_curvature(model, setup.task, setup.train, layers="mlp", batch_size=32, progress=False)
+            inf.fit_curvature(model, setup.task, setup.train, layers="mlp", batch_size=args.batch, progress=False)
         ),
         args.repeats,
     )
@@ -133,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"influencer fit {ours['fit']:.2f} s")
     store_box: list[Any] = []
     ours["store"] = best(
-        lambda: store_box.append(inf.QueryStore.build(model, setup.task, curv, queries, rank=32, batch_size=64)),
+        lambda: store_box.append(inf.QueryStore.build(model, setup.task, curv, queries, rank=32, batch_size=q_batch)),
         args.repeats,
     )
     store = store_box[-1]
@@ -148,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                 store=store,
                 rank=32,
                 top_k=10,
-                batch_size=32,
+                batch_size=args.batch,
                 tokens=False,
                 refine=0,
                 precision=precision,
@@ -160,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
 
     theirs: dict[str, float] = {}
     task = kronfluence_task(layers)
-    kmodel = prepare_model(tiny_llama(4096, 64)[0], task)  # the same weights (seeded), wrapped by Kronfluence
+    kmodel = prepare_model(copy.deepcopy(model), task)  # the same weights, wrapped by Kronfluence
     train_ds, query_ds = _Rows(train_ids), _Rows(q_ids, PROMPT)
     with tempfile.TemporaryDirectory() as out:
         analyzer = Analyzer("bench", kmodel, task, cpu=True, disable_tqdm=True, output_dir=out)
@@ -168,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             lambda: analyzer.fit_all_factors(
                 "ekfac",
                 train_ds,
-                per_device_batch_size=32,
+                per_device_batch_size=args.batch,
                 factor_args=FactorArguments(strategy="ekfac"),
                 overwrite_output_dir=True,
             ),
@@ -183,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
                     "ekfac",
                     query_ds,
                     train_ds,
-                    per_device_query_batch_size=args.queries,
-                    per_device_train_batch_size=32,
+                    per_device_query_batch_size=q_batch,
+                    per_device_train_batch_size=args.batch,
                     score_args=score_args,
                     overwrite_output_dir=True,
                 ),
@@ -203,14 +237,16 @@ def main(argv: list[str] | None = None) -> None:
     cmd = f"OMP_NUM_THREADS={torch.get_num_threads()} .venv/bin/python benchmarks/" + " ".join(
         shlex.quote(a) for a in ["bench_kronfluence.py", *(argv if argv is not None else sys.argv[1:])]
     )
-    lines = ["## influencer vs Kronfluence (issue 19)", "", f"`{cmd}`", ""]
+    title = "influencer vs Kronfluence (issue 19)" + ("" if args.setup == "tiny" else ", the paper's shape")
+    lines = [f"## {title}", "", f"`{cmd}`", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += [
         f"- kronfluence: {getattr(kronfluence, '__version__', 'unknown')}",
         "",
-        f"{desc}; {args.rows} random training rows × 64 tokens at batch 32; {args.queries} random {QUERY_LEN}-token "
-        f"queries (completion = the last {QUERY_LEN - PROMPT}); the 12 MLP linears; EK-FAC (true Fisher); rank-32 "
-        f"query compression; no per-token scores. Floor (forward + backward over the training rows) = {floor:.2f} s. "
+        f"{desc}; {data_desc} at batch {args.batch}; {args.queries} {QUERY_LEN}-token queries (completion = the "
+        f"last {QUERY_LEN - PROMPT}; {q_batch} per batch); the {n_layers} MLP linears; EK-FAC (true Fisher); "
+        "rank-32 query compression; no per-token scores. Floor (forward + backward over the training rows) = "
+        f"{floor:.2f} s. "
         "float32: both libraries' defaults; bfloat16: our scan(precision='bfloat16') beside Kronfluence's "
         "per_sample_gradient_dtype = score_dtype = bfloat16.",
         "",
@@ -224,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     section = "\n".join(lines) + "\n"
     print(section)
     if args.write:
-        write_results(section, "bench-kronfluence")
+        write_results(section, "bench-kronfluence" if args.setup == "tiny" else "bench-kronfluence-paper")
 
 
 if __name__ == "__main__":
