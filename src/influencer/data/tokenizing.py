@@ -56,6 +56,16 @@ def _check_max_length(max_length: int | None) -> None:
         raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}.")
 
 
+def _cut(rows: list[list[int]], max_length: int, what: str, how: str) -> list[list[int]]:
+    """Rows cut to ``max_length`` tokens, warning how many of the ``what`` were longer (``how``: what was lost)."""
+    truncated = sum(len(r) > max_length for r in rows)
+    if truncated:
+        warnings.warn(
+            f"{truncated} of {len(rows)} {what} were longer than max_length={max_length} tokens{how}", stacklevel=3
+        )
+    return [r[:max_length] for r in rows]
+
+
 def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id lists → (input_ids [N, T], attention_mask [N, T]), both int64, T = longest row."""
     width = max((len(r) for r in rows), default=0)
@@ -91,14 +101,7 @@ def tokenize_texts(
         if len(ids) == len(bos):
             raise ValueError(f"texts[{i}] has no tokens ({text!r}); drop empty texts before tokenizing.")
     if max_length is not None:
-        truncated = sum(len(r) > max_length for r in rows)
-        if truncated:
-            warnings.warn(
-                f"{truncated} of {len(rows)} texts were longer than max_length={max_length} tokens and were "
-                "truncated at the end.",
-                stacklevel=2,
-            )
-            rows = [r[:max_length] for r in rows]
+        rows = _cut(rows, max_length, "texts", " and were truncated at the end.")
     input_ids, attention_mask = _right_pad(rows, _pad_id(tokenizer))
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
@@ -147,14 +150,7 @@ def tokenize_queries(
                     f"Query {q}: its prompt has {len(p_ids)} tokens, so max_length={max_length} leaves no "
                     "room for the completion; shorten the prompt or raise max_length."
                 )
-        truncated = sum(len(r) > max_length for r in rows)
-        if truncated:
-            warnings.warn(
-                f"{truncated} of {len(rows)} queries were longer than max_length={max_length} tokens; their "
-                "completions were truncated at the end.",
-                stacklevel=2,
-            )
-            rows = [r[:max_length] for r in rows]
+        rows = _cut(rows, max_length, "queries", "; their completions were truncated at the end.")
     input_ids, attention_mask = _right_pad(rows, _pad_id(tokenizer))
     prompt_length = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_length": prompt_length}
