@@ -44,6 +44,14 @@ class Documents:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def add(self, text: str, label: str) -> None:
+        """Keep ``text`` under ``label``, or count it as skipped when it is empty (only whitespace)."""
+        if text.strip():
+            self.texts.append(text)
+            self.labels.append(label)
+        else:
+            self.skipped += 1
+
 
 def _existing(path: str | os.PathLike[str]) -> Path:
     p = Path(path).expanduser()
@@ -83,12 +91,8 @@ def read_text(path: str | os.PathLike[str], *, unit: str = "line", max_documents
         for label, text in pieces:
             if max_documents is not None and len(docs) >= max_documents:
                 return docs
-            if not text.strip():
-                if unit == "file":  # an empty file; blank lines merely separate documents
-                    docs.skipped += 1
-                continue
-            docs.texts.append(text)
-            docs.labels.append(label)
+            if text.strip() or unit == "file":  # an empty file is skipped; blank lines merely separate documents
+                docs.add(text, label)
     return docs
 
 
@@ -106,11 +110,7 @@ def read_jsonl(path: str | os.PathLike[str], *, field: str = "text", max_documen
         if max_documents is not None and len(docs) >= max_documents:
             break
         text = _string_field(obj, field, f"{p}:{lineno}")
-        if not text.strip():
-            docs.skipped += 1
-            continue
-        docs.texts.append(text)
-        docs.labels.append(f"{p.name}:{lineno}")
+        docs.add(text, f"{p.name}:{lineno}")
     return docs
 
 
@@ -189,11 +189,7 @@ def read_hf_dataset(
     for row, text in enumerate(column):
         if not isinstance(text, str):
             raise DataError(f"{p}: row {row} of column {field!r} holds {type(text).__name__}, not a string")
-        if not text.strip():
-            docs.skipped += 1
-            continue
-        docs.texts.append(text)
-        docs.labels.append(f"{p.name}[{row}]")
+        docs.add(text, f"{p.name}[{row}]")
     return docs
 
 
